@@ -140,7 +140,10 @@ def add_task_baselines(t1: int = 5, t2: int = 9) -> dict[str, float]:
     del t1, t2
 
     def xent(p, q):
-        return -(p * np.log(q) + (1 - p) * np.log(1 - q))
+        def plogq(a, b):
+            return 0.0 if a == 0 else a * np.log(b)
+
+        return -(plogq(p, q) + plogq(1 - p, 1 - q))
 
     ys = {(a, b): 0.5 + 0.5 * a - 0.25 * b for a in (0, 1) for b in (0, 1)}
     mean_y = np.mean(list(ys.values()))
