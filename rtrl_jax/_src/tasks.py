@@ -91,9 +91,7 @@ def copy_task(length: int = 5, num_symbols: int = 2) -> Task:
         inputs = jnp.concatenate([pattern, delimiter, blank], axis=1)
         recall = jax.nn.one_hot(symbols, num_symbols)
         targets = jnp.concatenate([jnp.zeros((num_episodes, length + 1, num_symbols)), recall], 1)
-        mask = jnp.concatenate(
-            [jnp.zeros((num_episodes, length + 1)), jnp.ones((num_episodes, length))], 1
-        )
+        mask = jnp.concatenate([jnp.zeros((num_episodes, length + 1)), jnp.ones((num_episodes, length))], 1)
         reset = jnp.zeros((num_episodes, episode), bool).at[:, 0].set(True)
         flat = Stream(inputs, targets, mask, reset)
         return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:num_steps], flat)
@@ -151,3 +149,6 @@ def add_task_baselines(t1: int = 5, t2: int = 9) -> dict[str, float]:
     first = np.mean([xent(y, np.mean([ys[(a, c)] for c in (0, 1)])) for (a, _), y in ys.items()])
     both = np.mean([xent(y, y) for y in ys.values()])
     return {"no_memory": float(no_memory), "t1_only": float(first), "both": float(both)}
+
+
+TASKS: dict[str, Callable[..., Task]] = {"copy": copy_task, "add": add_task}

@@ -1,0 +1,86 @@
+"""The ``rtrl-jax`` command line.
+
+- ``rtrl-jax train [CONFIG] [key=value ...] [--out DIR]``: an online training job (the embedded
+  default without CONFIG: copy task, a small GRU, exact RTRL).
+- ``rtrl-jax estimators``: the registered estimators and the cells each can serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from rtrl_jax._src.config import ConfigError, load_config
+
+
+def _default_out(config) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{config.task}-{config.estimator}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rtrl_jax._src.run import run_training
+
+    config = load_config(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else _default_out(config)
+    print(
+        f"rtrl-jax train: task={config.task} cell={config.model.cell} hidden={config.model.hidden} "
+        f"estimator={config.estimator} steps={config.train.steps} batch={config.train.batch_size}"
+        f" -> {out_dir}",
+        flush=True,
+    )
+    with tqdm(total=config.train.steps, unit="step", disable=args.quiet, file=sys.stderr) as bar:
+
+        def on_chunk(steps_done, info):
+            bar.update(steps_done - bar.n)
+            bar.set_postfix(loss=f"{info['loss']:.4f}", steps_s=f"{info['steps_per_s']:.0f}")
+
+        summary = run_training(config, out_dir, on_chunk=on_chunk)
+    print(json.dumps(summary, indent=2))
+    print(f"run folder: {out_dir}")
+    return 0
+
+
+def _estimators(args: argparse.Namespace) -> int:
+    del args
+    from rtrl_jax._src.config import ModelConfig, RunConfig
+    from rtrl_jax._src.models import CELLS, build_core
+    from rtrl_jax._src.registry import registered
+
+    cores = {name: build_core(RunConfig(model=ModelConfig(cell=name, hidden=4)), 2) for name in CELLS}
+    for info in registered():
+        cells = [name for name, core in cores.items() if info.unsupported_reason(core) is None]
+        print(f"{info.name:10s} {info.summary}")
+        print(f"{'':10s} cells: {', '.join(cells) or 'none'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtrl-jax", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run an online training job")
+    train.add_argument("config", nargs="?", help="a YAML config (default: the embedded one)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.add_argument("--out", help="run folder (default: runs/<time>-<task>-<estimator>)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+    estimators = commands.add_parser("estimators", help="list estimators and the cells they serve")
+    estimators.set_defaults(run=_estimators)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"rtrl-jax: invalid configuration: {error}", file=sys.stderr)
+        return 2
