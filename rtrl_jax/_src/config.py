@@ -32,7 +32,7 @@ class ModelConfig:
     """
 
     cell: str = "gru"
-    hidden: int = 16
+    hidden: int = 32
     dtype: str = "float32"
 
 
@@ -50,7 +50,7 @@ class TrainConfig:
       seed: the random seed of parameters, data and estimator noise.
     """
 
-    steps: int = 3000
+    steps: int = 8000
     batch_size: int = 8
     optimizer: str = "adam"
     learning_rate: float = 3e-3

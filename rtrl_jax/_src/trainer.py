@@ -168,9 +168,9 @@ def make_train_step(
             logits = head.apply(head_params, out)
             return weight * loss_fn(logits, target), logits
 
-        (loss, logits), (head_bar, out_bar) = jax.value_and_grad(
-            step_loss, argnums=(0, 1), has_aux=True
-        )(params["head"], out)
+        (loss, logits), (head_bar, out_bar) = jax.value_and_grad(step_loss, argnums=(0, 1), has_aux=True)(
+            params["head"], out
+        )
         core_bar = online_grad(core, estimator, new_trace, params["core"], new_carry, out_bar)
         correct = weight * (jnp.argmax(logits) == jnp.argmax(target))
         grads = {"core": core_bar, "head": head_bar}
@@ -181,18 +181,14 @@ def make_train_step(
         params = state.params
         key, step_key = jax.random.split(state.key)
         init_keys = jax.random.split(jax.random.fold_in(step_key, 0), batch_size)
-        fresh_carry = _broadcast(
-            core.initial_carry(jax.tree.leaves(state.carry)[0].dtype), batch_size
-        )
-        fresh_trace = jax.vmap(lambda c, k: estimator.init(params["core"], c, key=k))(
-            fresh_carry, init_keys
-        )
+        fresh_carry = _broadcast(core.initial_carry(jax.tree.leaves(state.carry)[0].dtype), batch_size)
+        fresh_trace = jax.vmap(lambda c, k: estimator.init(params["core"], c, key=k))(fresh_carry, init_keys)
         carry = _select(batch.reset, fresh_carry, state.carry)
         trace = _select(batch.reset, fresh_trace, state.trace)
         step_keys = jax.random.split(jax.random.fold_in(step_key, 1), batch_size)
-        carry, trace, loss, correct, grads = jax.vmap(
-            stream_step, in_axes=(None, 0, 0, 0, 0, 0, 0)
-        )(params, trace, carry, batch.inputs, batch.targets, batch.mask, step_keys)
+        carry, trace, loss, correct, grads = jax.vmap(stream_step, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+            params, trace, carry, batch.inputs, batch.targets, batch.mask, step_keys
+        )
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_state = OnlineTrainState(
@@ -217,7 +213,12 @@ def make_train_step(
 def make_train_chunk(
     train_step: Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]],
 ) -> Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]]:
-    """Many steps in one ``jax.lax.scan`` (jitted): ``(state, stream (B, T, ...)) -> (state, metrics (T,))``."""
+    """Many steps in one jitted ``jax.lax.scan``.
+
+    Returns:
+      ``train_chunk(state, stream) -> (state, metrics)`` for a stream with axes (batch, time, ...)
+      and metrics with a leading time axis.
+    """
 
     @jax.jit
     def train_chunk(state, stream):
@@ -263,9 +264,7 @@ def train_online(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    train_chunk = make_train_chunk(
-        make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn)
-    )
+    train_chunk = make_train_chunk(make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn))
     collected = []
     start = int(state.step)
     for begin in range(start, num_steps, chunk_size):
