@@ -11,7 +11,16 @@ from rtrl_jax._src.registry import (
     register,
     registered,
 )
-from rtrl_jax._src.rtrl import RTRLState, rtrl
+from rtrl_jax._src.rtrl import RTRLState, dynamics_and_immediate, rtrl
+from rtrl_jax._src.sharding import (
+    batch_sharding,
+    make_mesh,
+    per_device_bytes,
+    shard_batch,
+    shard_trace,
+    sharded_step,
+    trace_sharding,
+)
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
 
 __version__ = "0.1.0"
@@ -23,9 +32,11 @@ __all__ = [
     "EstimatorInfo",
     "RTRLState",
     "TBPTTState",
+    "batch_sharding",
     "bptt_value_and_grad",
     "carry_cotangent",
     "cast_floating",
+    "dynamics_and_immediate",
     "estimator_options",
     "flatten_core",
     "from_function",
@@ -34,12 +45,18 @@ __all__ = [
     "get_estimator_info",
     "influence_matrix",
     "make_estimator",
+    "make_mesh",
     "online_grad",
     "online_step",
+    "per_device_bytes",
     "register",
     "registered",
     "rtrl",
+    "shard_batch",
+    "shard_trace",
+    "sharded_step",
     "tbptt",
+    "trace_sharding",
     "tree_size",
     "unroll",
 ]
