@@ -23,7 +23,7 @@ def test_linen_cells_become_cores(cell, carry_leaves):
     core = rj.from_linen(cell, 3)
     params, carry = core.init(jax.random.PRNGKey(0))
     assert len(jax.tree.leaves(carry)) == carry_leaves
-    new_carry, out = core(params, carry, jnp.ones(3))
+    new_carry, out = core(params, carry, jnp.ones(3, jnp.float32))
     assert out.shape == (4,)
     # the output is read off the new carry (for LSTM: h of (c, h))
     assert jnp.array_equal(core.output(new_carry), out)
@@ -50,14 +50,14 @@ def test_user_linen_cell_with_pytree_carry():
 
     core = rj.from_linen(TwoTimescales(3), 2)
     params, carry = core.init(jax.random.PRNGKey(0), jnp.float32)
-    new_carry, out = core(params, carry, jnp.ones(2))
+    new_carry, out = core(params, carry, jnp.ones(2, jnp.float32))
     assert jnp.array_equal(out, new_carry[1]) and jnp.array_equal(core.output(new_carry), out)
 
 
 def test_nnx_lstm_core():
     core = rj.from_nnx(nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0)))
     params, carry = core.init(jax.random.PRNGKey(0))
-    new_carry, out = core(params, carry, jnp.ones(3))
+    new_carry, out = core(params, carry, jnp.ones(3, jnp.float32))
     assert jnp.array_equal(core.output(new_carry), out)
 
 
@@ -81,33 +81,35 @@ def gru():
 def test_input_size_mismatch_is_named(gru):
     core, params, carry = gru
     with pytest.raises(ValueError, match="input size mismatch: the core takes 3 features, got 5"):
-        core(params, carry, jnp.ones(5))
+        core(params, carry, jnp.ones(5, jnp.float32))
 
 
 def test_batched_input_points_to_vmap(gru):
     core, params, carry = gru
     with pytest.raises(ValueError, match="jax.vmap"):
-        core(params, carry, jnp.ones((2, 3)))
+        core(params, carry, jnp.ones((2, 3), jnp.float32))
 
 
 def test_carry_shape_mismatch_is_named(gru):
     core, params, carry = gru
     with pytest.raises(ValueError, match=r"carry does not match the cell: expected \(4,\), got \(5,\)"):
-        core(params, jnp.zeros(5), jnp.ones(3))
+        core(params, jnp.zeros(5), jnp.ones(3, jnp.float32))
     with pytest.raises(ValueError, match="carry does not match"):
-        rj.rtrl(core).step(rj.rtrl(core).init(params, carry), params, (carry, carry), jnp.ones(3))
+        rj.rtrl(core).step(
+            rj.rtrl(core).init(params, carry), params, (carry, carry), jnp.ones(3, jnp.float32)
+        )
 
 
 def test_dtype_mix_is_rejected(gru):
     core, params, carry = gru
     with pytest.raises(ValueError, match="mix floating dtypes"):
-        core(rj.cast_floating(params, jnp.float64), carry, jnp.ones(3))
+        core(rj.cast_floating(params, jnp.float64), carry, jnp.ones(3, jnp.float32))
 
 
 def test_params_mismatch_is_named(gru):
     core, params, carry = gru
     with pytest.raises(ValueError, match="params do not match"):
-        core({"other": params}, carry, jnp.ones(3))
+        core({"other": params}, carry, jnp.ones(3, jnp.float32))
 
 
 def test_unknown_estimator_lists_the_known_ones(gru):

@@ -45,9 +45,7 @@ def _same_structure_and_shapes(tree: Any, spec: Any) -> bool:
 
 def _float_dtypes(tree: Any) -> set:
     return {
-        jnp.result_type(a)
-        for a in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+        jnp.result_type(a) for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
     }
 
 
@@ -138,10 +136,10 @@ class Core:
                 f"{self.name}: params do not match the cell: expected "
                 f"{_describe(self.params_spec)}, got {_describe(params)}."
             )
-        dtypes = _float_dtypes(params) | _float_dtypes(carry)
+        dtypes = _float_dtypes(params) | _float_dtypes(carry) | _float_dtypes(x)
         if len(dtypes) > 1:
             raise ValueError(
-                f"{self.name}: params and carry mix floating dtypes {sorted(map(str, dtypes))};"
+                f"{self.name}: params, carry and input mix floating dtypes {sorted(map(str, dtypes))};"
                 " cast them to one dtype (rtrl_jax.cast_floating)."
             )
 
@@ -157,9 +155,7 @@ def _find_output(apply: CoreFn, params: Params, carry: Carry, x: Input, name: st
         return lambda c: c
     if not isinstance(out, jax.Array):
         raise ValueError(f"{name}: cannot tell how the output is read off the carry; pass output=.")
-    matches = [
-        i for i, leaf in enumerate(leaves) if leaf.shape == out.shape and np.array_equal(leaf, out)
-    ]
+    matches = [i for i, leaf in enumerate(leaves) if leaf.shape == out.shape and np.array_equal(leaf, out)]
     if len(matches) != 1:
         raise ValueError(
             f"{name}: the cell's output is not a leaf of its carry; build the core with "

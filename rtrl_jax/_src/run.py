@@ -108,7 +108,6 @@ def run_training(
     head = linear_head()
     head_params = head.init(key_head, config.model.hidden, task.num_classes, dtype)
     stream = tasks.sample_batch(task, key_data, config.train.steps, config.train.batch_size)
-    stream = stream._replace(inputs=stream.inputs.astype(dtype), targets=stream.targets.astype(dtype))
     state = init_train_state(
         core,
         estimator,

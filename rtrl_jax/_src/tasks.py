@@ -83,15 +83,24 @@ def copy_task(length: int = 5, num_symbols: int = 2) -> Task:
     def sample(key, num_steps):
         num_episodes = -(-num_steps // episode)
         symbols = jax.random.randint(key, (num_episodes, length), 0, num_symbols)
-        pattern = jax.nn.one_hot(symbols, num_symbols + 1)
+        pattern = jax.nn.one_hot(symbols, num_symbols + 1, dtype=jnp.float32)
         delimiter = jnp.broadcast_to(
-            jax.nn.one_hot(num_symbols, num_symbols + 1), (num_episodes, 1, num_symbols + 1)
+            jax.nn.one_hot(num_symbols, num_symbols + 1, dtype=jnp.float32),
+            (num_episodes, 1, num_symbols + 1),
         )
-        blank = jnp.zeros((num_episodes, length, num_symbols + 1))
+        blank = jnp.zeros((num_episodes, length, num_symbols + 1), jnp.float32)
         inputs = jnp.concatenate([pattern, delimiter, blank], axis=1)
-        recall = jax.nn.one_hot(symbols, num_symbols)
-        targets = jnp.concatenate([jnp.zeros((num_episodes, length + 1, num_symbols)), recall], 1)
-        mask = jnp.concatenate([jnp.zeros((num_episodes, length + 1)), jnp.ones((num_episodes, length))], 1)
+        recall = jax.nn.one_hot(symbols, num_symbols, dtype=jnp.float32)
+        targets = jnp.concatenate(
+            [jnp.zeros((num_episodes, length + 1, num_symbols), jnp.float32), recall], 1
+        )
+        mask = jnp.concatenate(
+            [
+                jnp.zeros((num_episodes, length + 1), jnp.float32),
+                jnp.ones((num_episodes, length), jnp.float32),
+            ],
+            1,
+        )
         reset = jnp.zeros((num_episodes, episode), bool).at[:, 0].set(True)
         flat = Stream(inputs, targets, mask, reset)
         return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:num_steps], flat)
@@ -123,7 +132,7 @@ def add_task(t1: int = 5, t2: int = 9) -> Task:
         return Stream(
             inputs=jnp.stack([x, 1.0 - x], axis=-1),
             targets=jnp.stack([y, 1.0 - y], axis=-1),
-            mask=jnp.ones((num_steps,)),
+            mask=jnp.ones((num_steps,), jnp.float32),
             reset=jnp.zeros((num_steps,), bool).at[0].set(True),
         )
 

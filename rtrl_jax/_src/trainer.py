@@ -45,7 +45,7 @@ def linear_head() -> Head:
     """A dense readout ``logits = out @ W + b`` with ``W`` scaled by ``1/sqrt(out_size)``."""
 
     def init(key, out_size, num_classes, dtype=jnp.float32):
-        scale = 1.0 / np.sqrt(out_size)
+        scale = 1.0 / float(np.sqrt(out_size))
         kernel = scale * jax.random.normal(key, (out_size, num_classes), dtype)
         return {"kernel": kernel, "bias": jnp.zeros((num_classes,), dtype)}
 
@@ -264,6 +264,8 @@ def train_online(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    dtype = jnp.result_type(*jax.tree.leaves(state.params))
+    stream = stream._replace(inputs=stream.inputs.astype(dtype), targets=stream.targets.astype(dtype))
     train_chunk = make_train_chunk(make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn))
     collected = []
     start = int(state.step)
