@@ -9,7 +9,6 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import typing
 from pathlib import Path
 from typing import Any
@@ -99,6 +98,11 @@ def _type_name(tp: Any) -> str:
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}.")
     if not isinstance(value, tp):
@@ -128,41 +132,38 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def _check_options(key: str, options: dict, factory: Any) -> None:
-    parameters = list(inspect.signature(factory).parameters.values())
-    allowed = {p.name for p in parameters if p.name != "core"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"{key}: unknown option {unknown[0]!r}; allowed: {', '.join(sorted(allowed)) or 'none'}."
-        )
-
-
 def validate(config: RunConfig) -> RunConfig:
     """Checks names and combinations that need the registries; returns ``config`` unchanged."""
     from rtrl_jax._src import models, tasks
-    from rtrl_jax._src.registry import get_estimator_info, registered
+    from rtrl_jax._src.registry import get_estimator_info, make_estimator, registered
 
     names = [e.name for e in registered()]
     if config.estimator not in names:
         raise ConfigError(f"estimator: unknown estimator {config.estimator!r}; allowed: {', '.join(names)}.")
-    _check_options("estimator_options", config.estimator_options, get_estimator_info(config.estimator).make)
     if config.task not in tasks.TASKS:
         raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(tasks.TASKS)}.")
-    _check_options("task_options", config.task_options, tasks.TASKS[config.task])
     if config.model.cell not in models.CELLS:
         raise ConfigError(
             f"model.cell: unknown cell {config.model.cell!r}; allowed: {', '.join(models.CELLS)}."
         )
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: {config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
-    reason = get_estimator_info(config.estimator).unsupported_reason(models.build_core(config, 1))
+    try:
+        task = tasks.TASKS[config.task](**config.task_options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"task_options: {error}") from None
+    core = models.build_core(config, task.input_size)
+    reason = get_estimator_info(config.estimator).unsupported_reason(core)
     if reason is not None:
-        able = [e.name for e in registered() if e.unsupported_reason(models.build_core(config, 1)) is None]
+        able = [e.name for e in registered() if e.unsupported_reason(core) is None]
         raise ConfigError(
             f"estimator: {config.estimator!r} cannot serve cell {config.model.cell!r} ({reason});"
             f" estimators that can: {', '.join(able)}."
         )
+    try:
+        make_estimator(config.estimator, core, **config.estimator_options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"estimator_options: {error}") from None
     if config.train.optimizer not in OPTIMIZERS:
         raise ConfigError(
             f"train.optimizer: unknown optimizer {config.train.optimizer!r};"

@@ -1,0 +1,93 @@
+"""The command line and its configuration: runs, run folders, and rejected input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rtrl_jax._src.config import ConfigError, RunConfig, load_config, to_dict
+from rtrl_jax.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_train_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--quiet", "--out", str(out), "model.hidden=8", "train.steps=300", "train.chunk_size=100"]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 300 and summary["estimator"] == "rtrl" and summary["cell"] == "gru"
+    assert {"final_loss", "final_accuracy", "steps_per_s", "device", "jax_version"} <= set(summary)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 301))
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["hidden"] == 8 and resolved["train"]["steps"] == 300
+    assert "run folder" in capsys.readouterr().out
+
+
+def test_shipped_configs_are_valid():
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert paths
+    for path in paths:
+        load_config(path)
+
+
+def test_default_config_file_is_the_embedded_default():
+    assert load_config(CONFIGS / "copy_gru_rtrl.yaml") == load_config(
+        None, ["task_options.length=5", "task_options.num_symbols=2"]
+    )
+    assert to_dict(load_config()) == to_dict(RunConfig())
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["estimator=tbptt", "estimator_options.window=4", "train.learning_rate=1e-2"])
+    assert config.estimator == "tbptt" and config.estimator_options == {"window": 4}
+    assert config.train.learning_rate == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["train.stepz=10"], "'train.stepz'"),
+        (["model.hidden=abc"], "model.hidden"),
+        (["model.hidden=-3"], "model.hidden"),
+        (["train.learning_rate=-0.1"], "train.learning_rate"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["estimator=rtlr"], "'rtlr'"),
+        (["model.cell=transformer"], "'transformer'"),
+        (["task=sorting"], "'sorting'"),
+        (["train.optimizer=adamax2"], "'adamax2'"),
+        (["model.dtype=float16"], "'float16'"),
+        (["estimator_options.rank=2"], "'rank'"),
+        (["estimator=tbptt", "estimator_options.window=0"], "window"),
+        (["task_options.t1=3"], "'t1'"),
+        (["task_options.length=0"], "length"),
+        (["train.steps"], "key=value"),
+    ],
+)
+def test_invalid_config_values_are_rejected_with_the_key(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)
+
+
+def test_cli_reports_invalid_config_without_a_traceback(capsys):
+    assert main(["train", "--quiet", "train.steps=-1"]) == 2
+    assert "invalid configuration: train.steps: must be > 0" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_estimators_lists_names_and_cells(capsys):
+    assert main(["estimators"]) == 0
+    text = capsys.readouterr().out
+    assert "rtrl" in text and "tbptt" in text and "cells: simple, gru, lstm" in text
