@@ -89,9 +89,7 @@ def _stack(tree: Any, k: int) -> Any:
 
 def _push(stack: Any, item: Any) -> Any:
     """Drops the oldest slot of ``stack`` and appends ``item`` as the newest."""
-    return jax.tree.map(
-        lambda s, a: jnp.concatenate([s[1:], jnp.asarray(a, s.dtype)[None]]), stack, item
-    )
+    return jax.tree.map(lambda s, a: jnp.concatenate([s[1:], jnp.asarray(a, s.dtype)[None]]), stack, item)
 
 
 def tbptt(
