@@ -1,6 +1,14 @@
 """rtrl_jax: online training of recurrent networks with RTRL and its approximations, in JAX."""
 
 from rtrl_jax._src.base import CoreFn, Estimator, flatten_core, influence_matrix, tree_size
+from rtrl_jax._src.cells import (
+    ELSTMCell,
+    LeakyRNNCell,
+    LRUCell,
+    SparseGRUCell,
+    SparseRNNCell,
+    random_mask,
+)
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step
 from rtrl_jax._src.registry import (
@@ -11,6 +19,7 @@ from rtrl_jax._src.registry import (
     register,
     registered,
 )
+from rtrl_jax._src.rflo import RFLOState, rflo
 from rtrl_jax._src.rtrl import RTRLState, dynamics_and_immediate, rtrl
 from rtrl_jax._src.sharding import (
     batch_sharding,
@@ -20,6 +29,17 @@ from rtrl_jax._src.sharding import (
     shard_trace,
     sharded_step,
     trace_sharding,
+)
+from rtrl_jax._src.snap import (
+    SnapLayout,
+    SnapState,
+    SparsityPatterns,
+    find_units,
+    snap,
+    snap_layout,
+    snap_mask,
+    snap_mask_from_patterns,
+    sparsity_patterns,
 )
 from rtrl_jax._src.tasks import Stream, Task, add_task, copy_task, sample_batch
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
@@ -39,11 +59,20 @@ __version__ = "0.1.0"
 __all__ = [
     "Core",
     "CoreFn",
+    "ELSTMCell",
     "Estimator",
     "EstimatorInfo",
     "Head",
+    "LRUCell",
+    "LeakyRNNCell",
     "OnlineTrainState",
+    "RFLOState",
     "RTRLState",
+    "SnapLayout",
+    "SnapState",
+    "SparseGRUCell",
+    "SparseRNNCell",
+    "SparsityPatterns",
     "StepMetrics",
     "Stream",
     "TBPTTState",
@@ -56,6 +85,7 @@ __all__ = [
     "copy_task",
     "dynamics_and_immediate",
     "estimator_options",
+    "find_units",
     "flatten_core",
     "from_function",
     "from_linen",
@@ -70,14 +100,21 @@ __all__ = [
     "online_grad",
     "online_step",
     "per_device_bytes",
+    "random_mask",
     "register",
     "registered",
+    "rflo",
     "rtrl",
     "sample_batch",
     "shard_batch",
     "shard_trace",
     "sharded_step",
+    "snap",
+    "snap_layout",
+    "snap_mask",
+    "snap_mask_from_patterns",
     "softmax_cross_entropy",
+    "sparsity_patterns",
     "tbptt",
     "trace_sharding",
     "train_online",

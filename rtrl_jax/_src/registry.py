@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.rflo import rflo
 from rtrl_jax._src.rtrl import rtrl
+from rtrl_jax._src.snap import snap, snap_unsupported_reason
 from rtrl_jax._src.tbptt import tbptt
 
 
@@ -102,4 +104,16 @@ register(
     "tbptt",
     lambda core, window=10, aligned=False: tbptt(core, window, aligned=aligned),
     summary="truncated BPTT over a sliding (or aligned) window of k steps",
+)
+register(
+    "snap",
+    snap,
+    summary="SnAp-n: RTRL on the entries a parameter reaches in n steps (SnAp-1: O(P) trace)",
+    unsupported_reason=snap_unsupported_reason,
+)
+register(
+    "rflo",
+    rflo,
+    summary="RFLO / e-prop: SnAp-1-shaped trace with the dynamics replaced by a leak",
+    unsupported_reason=snap_unsupported_reason,
 )
