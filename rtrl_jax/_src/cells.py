@@ -244,7 +244,7 @@ class SparseRNNCell(nn.RNNCellBase):
         n = self.features
         kernel = self.param("recurrent_kernel", self.recurrent_init, (n, n), self.param_dtype)
         mask = jnp.asarray(self.recurrent_mask(), kernel.dtype)
-        scale = 1.0 / np.sqrt(max(float(np.mean(self.recurrent_mask())), 1e-12))
+        scale = float(1.0 / np.sqrt(max(float(np.mean(self.recurrent_mask())), 1e-12)))
         recurrent = carry @ (scale * kernel * mask)
         inp = nn.Dense(n, kernel_init=self.kernel_init, param_dtype=self.param_dtype, name="input")
         new = jnp.tanh(recurrent + inp(inputs))
@@ -297,7 +297,7 @@ class SparseGRUCell(nn.RNNCellBase):
 
         def recurrent(gate, use_bias):
             kernel = self.param(f"h{gate}_kernel", self.recurrent_init, (n, n), self.param_dtype)
-            scale = 1.0 / np.sqrt(max(float(np.mean(masks[gate])), 1e-12))
+            scale = float(1.0 / np.sqrt(max(float(np.mean(masks[gate])), 1e-12)))
             out = carry @ (scale * kernel * jnp.asarray(masks[gate], kernel.dtype))
             if use_bias:
                 out = out + self.param(f"h{gate}_bias", nn.initializers.zeros, (n,), self.param_dtype)
