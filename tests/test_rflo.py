@@ -4,8 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from online_learning import add_task_loss
 
 import rtrl_jax
 from rtrl_jax._src.tasks import add_task_baselines
@@ -122,31 +122,11 @@ def test_bad_leaks():
     assert isinstance(estimator, rtrl_jax.Estimator)
 
 
-def _add_task_loss(core, estimator, *, readout_only=False, steps=3000, batch=16, seed=0):
-    """Mean step loss over the last fifth of an online run on the add task (t1=5, t2=9)."""
-
-    params, _ = core.init(jax.random.PRNGKey(seed))
-    head = rtrl_jax.linear_head()
-    head_params = head.init(jax.random.PRNGKey(seed + 1), core.output(core.initial_carry()).shape[0], 2)
-    optimizer = optax.adam(3e-3)
-    if readout_only:
-        optimizer = optax.multi_transform(
-            {"core": optax.set_to_zero(), "head": optax.adam(3e-3)}, {"core": "core", "head": "head"}
-        )
-    state = rtrl_jax.init_train_state(
-        core, estimator, optimizer, params, head_params, batch_size=batch, key=jax.random.PRNGKey(2)
-    )
-    stream = rtrl_jax.sample_batch(rtrl_jax.add_task(5, 9), jax.random.PRNGKey(seed + 3), steps, batch)
-    _, metrics = rtrl_jax.train_online(core, estimator, optimizer, stream, state, chunk_size=steps)
-    loss = metrics.loss / metrics.weight
-    return float(np.mean(loss[-steps // 5 :]))
-
-
 def test_trainer_learns_add_task_with_rflo():
     core = rtrl_jax.from_linen(rtrl_jax.LeakyRNNCell(16, tau=2.0), 2)
     estimator = rtrl_jax.rflo(core)
-    learned = _add_task_loss(core, estimator)
-    readout = _add_task_loss(core, estimator, readout_only=True)
+    learned = add_task_loss(core, estimator)
+    readout = add_task_loss(core, estimator, readout_only=True)
     no_memory = add_task_baselines()["no_memory"]
     assert learned < readout - 0.02, (learned, readout)
     assert learned < no_memory - 0.04, (learned, no_memory)

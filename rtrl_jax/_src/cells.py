@@ -72,7 +72,23 @@ def _resolve_mask(mask: Any, shape: tuple[int, int], density: float, seed: int, 
     return (mask != 0).astype(np.float64)
 
 
-class LRUCell(nn.RNNCellBase):
+class _VectorCarryCell(nn.RNNCellBase):
+    """Shared by the cells below: a zero carry of ``state_size`` features, one feature axis."""
+
+    @property
+    def state_size(self) -> int:
+        return self.features
+
+    def initialize_carry(self, rng, input_shape):
+        del rng
+        return _zeros_carry(input_shape, self.state_size, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class LRUCell(_VectorCarryCell):
     """A diagonal linear recurrent unit (LRU, Orvieto et al. 2023) as a recurrent cell.
 
     ``h_t = λ ⊙ h_{t-1} + γ ⊙ (B x_t)`` with ``λ_k = exp(-exp(ν_k) + i exp(θ_k))`` (complex) or
@@ -140,16 +156,8 @@ class LRUCell(nn.RNNCellBase):
             new = modulus * carry + gamma * b_re
         return new, new
 
-    def initialize_carry(self, rng, input_shape):
-        del rng
-        return _zeros_carry(input_shape, self.state_size, self.param_dtype)
 
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
-
-class ELSTMCell(nn.RNNCellBase):
+class ELSTMCell(_VectorCarryCell):
     """An element-wise LSTM (eLSTM, after Irie, Gopalakrishnan & Schmidhuber 2023).
 
     The gates read the input through full ``Dense`` layers but the previous cell state only through
@@ -203,12 +211,8 @@ class ELSTMCell(nn.RNNCellBase):
         zeros = _zeros_carry(input_shape, self.features, self.param_dtype)
         return zeros, zeros
 
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
 
-
-class SparseRNNCell(nn.RNNCellBase):
+class SparseRNNCell(_VectorCarryCell):
     """A vanilla RNN ``h_t = tanh((W ⊙ M) h_{t-1} + U x_t + b)`` with a fixed 0/1 mask ``M``.
 
     The recurrent kernel ``W`` is a full parameter (Flax ``Dense`` layout ``(in, out)``: entry
@@ -250,16 +254,8 @@ class SparseRNNCell(nn.RNNCellBase):
         new = jnp.tanh(recurrent + inp(inputs))
         return new, new
 
-    def initialize_carry(self, rng, input_shape):
-        del rng
-        return _zeros_carry(input_shape, self.features, self.param_dtype)
 
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
-
-class SparseGRUCell(nn.RNNCellBase):
+class SparseGRUCell(_VectorCarryCell):
     """A GRU (Flax ``GRUCell`` equations) whose three recurrent kernels are masked by fixed masks.
 
     ``r = σ(W_ir x + (W_hr ⊙ M_r) h + b_r)``, ``z = σ(W_iz x + (W_hz ⊙ M_z) h + b_z)``,
@@ -314,16 +310,8 @@ class SparseGRUCell(nn.RNNCellBase):
         new = (1.0 - z) * cand + z * carry
         return new, new
 
-    def initialize_carry(self, rng, input_shape):
-        del rng
-        return _zeros_carry(input_shape, self.features, self.param_dtype)
 
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
-
-
-class LeakyRNNCell(nn.RNNCellBase):
+class LeakyRNNCell(_VectorCarryCell):
     """A leaky rate network ``h_t = α h_{t-1} + (1 - α) tanh(W h_{t-1} + U x_t + b)``, ``α = 1 - 1/τ``.
 
     The network of RFLO (Murray 2019) and of e-prop for non-spiking leaky units (Bellec et al.
@@ -360,11 +348,3 @@ class LeakyRNNCell(nn.RNNCellBase):
         inp = nn.Dense(n, kernel_init=self.kernel_init, param_dtype=self.param_dtype, name="input")
         new = self.leak * carry + (1.0 - self.leak) * jnp.tanh(rec(carry) + inp(inputs))
         return new, new
-
-    def initialize_carry(self, rng, input_shape):
-        del rng
-        return _zeros_carry(input_shape, self.features, self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1

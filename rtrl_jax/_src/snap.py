@@ -446,9 +446,7 @@ def snap(
       >>> carry, out, trace = est.step(trace, params, carry, x)
       >>> grads = est.grad(trace, params, carry_bar)
     """
-    patterns = sparsity_patterns(core, num_probes=num_probes, seed=seed)
-    mask = snap_mask_from_patterns(patterns.immediate, patterns.dynamics, n, units=units)
-    layout = layout_from_mask(mask, patterns.immediate, patterns.dynamics)
+    layout = snap_layout(core, n, units=units, num_probes=num_probes, seed=seed)
     return _sparse_trace_estimator(core, layout, leak=None)
 
 
