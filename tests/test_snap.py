@@ -175,7 +175,8 @@ def test_snap1_equals_bptt_on_elementwise_cells(name):
 
 
 def test_snap1_trace_is_order_p_for_dense_gru():
-    core = rtrl_jax.from_linen(nn.GRUCell(features=16), 3)
+    # 64 units: wide enough that badly scaled pattern probes would saturate units and miss entries.
+    core = rtrl_jax.from_linen(nn.GRUCell(features=64), 3)
     params, carry = core.init(jax.random.PRNGKey(0))
     estimator = rtrl_jax.snap(core, 1)
     trace = estimator.init(params, carry)

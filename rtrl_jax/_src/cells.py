@@ -114,7 +114,6 @@ class LRUCell(_VectorCarryCell):
     r_max: float = 0.99
     max_phase: float = 2 * np.pi
     param_dtype: Any = jnp.float32
-    carry_init: Callable[..., Any] = nn.initializers.zeros_init()
 
     @property
     def state_size(self) -> int:

@@ -102,9 +102,10 @@ _PATTERN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def sparsity_patterns(core: Any, *, num_probes: int = 3, seed: int = 0) -> SparsityPatterns:
     """The structural patterns of ``I = ∂F/∂θ`` and ``D = ∂F/∂h`` of ``core``.
 
-    The union of the non-zeros of both Jacobians at ``num_probes`` random points (parameters,
-    carry and input drawn from a standard normal). ``I`` is built ``S`` rows at a time by reverse
-    mode, in chunks, and kept sparse.
+    The union of the non-zeros of both Jacobians at ``num_probes`` random points (carry and input
+    drawn from a standard normal, parameters too but scaled by ``1/sqrt(leading dim)`` for
+    matrices, so that pre-activations stay of order one and no unit saturates). ``I`` is built
+    ``S`` rows at a time by reverse mode, in chunks, and kept sparse.
 
     Args:
       core: an :class:`~rtrl_jax.Core` (its specs give the shapes).
@@ -136,7 +137,15 @@ def _probe_patterns(core: Any, num_probes: int, seed: int) -> SparsityPatterns:
     flat_params, unravel_params = ravel_pytree(zeros_params)
     flat_carry, unravel_carry = ravel_pytree(zeros_carry)
     p, s = flat_params.size, flat_carry.size
-    ps = rng.standard_normal((num_probes, p)).astype(flat_params.dtype)
+    # Parameters scaled by 1/sqrt(leading dim) (the fan-in of a Dense kernel) keep pre-activations
+    # of order one, so no unit saturates into an exact zero derivative.
+    scales = ravel_pytree(
+        jax.tree.map(
+            lambda a: np.full(a.shape, 1.0 / np.sqrt(a.shape[0]) if len(a.shape) > 1 else 1.0),
+            params_spec,
+        )
+    )[0]
+    ps = (rng.standard_normal((num_probes, p)) * np.asarray(scales)).astype(flat_params.dtype)
     hs = rng.standard_normal((num_probes, s)).astype(flat_carry.dtype)
     xs = rng.standard_normal((num_probes, *input_shape)).astype(dtype)
 
