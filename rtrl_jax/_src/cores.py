@@ -185,6 +185,21 @@ def _probe_output(apply: CoreFn, params: Params, carry: Carry, input_shape, name
     return _find_output(apply, params, _random_like(key_c, carry), x, name)
 
 
+def _flax_core(apply: CoreFn, init_fn, input_shape: tuple[int, ...], name: str, module: Any) -> Core:
+    """A core whose specs and output map come from one initialisation of a Flax cell."""
+    params, carry = init_fn(jax.random.PRNGKey(0))
+    return Core(
+        apply=apply,
+        output=_probe_output(apply, params, carry, input_shape, name),
+        input_shape=input_shape,
+        params_spec=_spec(params),
+        carry_spec=_spec(carry),
+        name=name,
+        module=module,
+        init_fn=init_fn,
+    )
+
+
 def from_linen(cell: Any, input_size: int, *, name: str | None = None) -> Core:
     """A core from a ``flax.linen`` recurrent cell.
 
@@ -221,17 +236,7 @@ def from_linen(cell: Any, input_size: int, *, name: str | None = None) -> Core:
     def apply(params, carry, x):
         return cell.apply({"params": params}, carry, x)
 
-    params, carry = init_fn(jax.random.PRNGKey(0))
-    return Core(
-        apply=apply,
-        output=_probe_output(apply, params, carry, input_shape, name),
-        input_shape=input_shape,
-        params_spec=_spec(params),
-        carry_spec=_spec(carry),
-        name=name,
-        module=cell,
-        init_fn=init_fn,
-    )
+    return _flax_core(apply, init_fn, input_shape, name, cell)
 
 
 def from_nnx(cell: Any, input_size: int | None = None, *, name: str | None = None) -> Core:
@@ -271,17 +276,7 @@ def from_nnx(cell: Any, input_size: int | None = None, *, name: str | None = Non
         carry = cell.initialize_carry(input_shape, nnx.Rngs(key))
         return jax.tree.map(jnp.asarray, params0), carry
 
-    params, carry = init_fn(jax.random.PRNGKey(0))
-    return Core(
-        apply=apply,
-        output=_probe_output(apply, params, carry, input_shape, name),
-        input_shape=input_shape,
-        params_spec=_spec(params),
-        carry_spec=_spec(carry),
-        name=name,
-        module=cell,
-        init_fn=init_fn,
-    )
+    return _flax_core(apply, init_fn, input_shape, name, cell)
 
 
 def from_function(
