@@ -43,6 +43,7 @@ from rtrl_jax._src.snap import (
 )
 from rtrl_jax._src.tasks import Stream, Task, add_task, copy_task, sample_batch
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
+from rtrl_jax._src.train_state import RecurrentTrainState
 from rtrl_jax._src.trainer import (
     Head,
     OnlineTrainState,
@@ -68,6 +69,7 @@ __all__ = [
     "OnlineTrainState",
     "RFLOState",
     "RTRLState",
+    "RecurrentTrainState",
     "SnapLayout",
     "SnapState",
     "SparseGRUCell",
