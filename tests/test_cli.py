@@ -91,3 +91,11 @@ def test_estimators_lists_names_and_cells(capsys):
     assert main(["estimators"]) == 0
     text = capsys.readouterr().out
     assert "rtrl" in text and "tbptt" in text and "cells: simple, gru, lstm" in text
+
+
+def test_library_cells_train_from_the_command_line(tmp_path):
+    # the complex LRU's output is [Re h, Im h], twice the hidden size: the readout follows the core
+    out = tmp_path / "lru"
+    args = ["model.cell=lru", "model.hidden=4", "estimator=snap", "task=add", "train.steps=60"]
+    assert main(["train", "--quiet", "--out", str(out), *args]) == 0
+    assert json.loads((out / "summary.json").read_text())["cell"] == "lru"

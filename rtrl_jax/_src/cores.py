@@ -108,6 +108,11 @@ class Core:
         return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.carry_spec))
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of the step output ``out`` (read off the carry)."""
+        return tuple(jax.eval_shape(self.output, self.carry_spec).shape)
+
+    @property
     def num_params(self) -> int:
         return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.params_spec))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from rtrl_jax._src import cells
 from rtrl_jax._src.cores import Core, from_linen
 
 CELLS: dict[str, Callable[[int], Any]] = {
@@ -15,6 +16,11 @@ CELLS: dict[str, Callable[[int], Any]] = {
     "lstm": lambda hidden: nn.LSTMCell(features=hidden),
     "optimized_lstm": lambda hidden: nn.OptimizedLSTMCell(features=hidden),
     "mgu": lambda hidden: nn.MGUCell(features=hidden),
+    "lru": lambda hidden: cells.LRUCell(features=hidden),
+    "elstm": lambda hidden: cells.ELSTMCell(features=hidden),
+    "leaky": lambda hidden: cells.LeakyRNNCell(features=hidden),
+    "sparse_rnn": lambda hidden: cells.SparseRNNCell(features=hidden),
+    "sparse_gru": lambda hidden: cells.SparseGRUCell(features=hidden),
 }
 
 

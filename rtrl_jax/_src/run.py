@@ -106,7 +106,7 @@ def run_training(
     key_core, key_head, key_data, key_state = jax.random.split(key, 4)
     core_params, _ = core.init(key_core, dtype)
     head = linear_head()
-    head_params = head.init(key_head, config.model.hidden, task.num_classes, dtype)
+    head_params = head.init(key_head, core.output_shape[-1], task.num_classes, dtype)
     stream = tasks.sample_batch(task, key_data, config.train.steps, config.train.batch_size)
     state = init_train_state(
         core,
