@@ -3,6 +3,8 @@
 - ``rtrl-jax train [CONFIG] [key=value ...] [--out DIR]``: an online training job (the embedded
   default without CONFIG: copy task, a small GRU, exact RTRL).
 - ``rtrl-jax estimators``: the registered estimators and the cells each can serve.
+- ``rtrl-jax compare [CONFIG] [key=value ...] [--out DIR]``: gradient quality of estimators against
+  an exact-RTRL shadow on one shared trajectory (JSON, markdown table, PNG).
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ def _estimators(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from rtrl_jax._src.compare import load_compare_config, run_compare
+
+    config = load_compare_config(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else Path("runs") / (
+        datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-compare-{config.task}"
+    )
+    document = run_compare(config, out_dir)
+    print((out_dir / "compare.md").read_text())
+    print(f"wrote {out_dir / 'compare.json'}, compare.md, compare.png ({document['wall_s']:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtrl-jax", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     estimators = commands.add_parser("estimators", help="list estimators and the cells they serve")
     estimators.set_defaults(run=_estimators)
+    compare = commands.add_parser("compare", help="gradient quality of estimators against exact RTRL")
+    compare.add_argument("config", nargs="?", help="a YAML comparison config (default: the embedded one)")
+    compare.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    compare.add_argument("--out", help="output folder (default: runs/<time>-compare-<task>)")
+    compare.set_defaults(run=_compare)
     return parser
 
 
