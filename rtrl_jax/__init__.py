@@ -9,6 +9,14 @@ from rtrl_jax._src.cells import (
     SparseRNNCell,
     random_mask,
 )
+from rtrl_jax._src.compare import (
+    Comparison,
+    GradientTrajectory,
+    compare_gradients,
+    gradient_alignment,
+    gradient_bias_variance,
+    gradient_trajectory,
+)
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step
 from rtrl_jax._src.registry import (
@@ -58,11 +66,13 @@ from rtrl_jax._src.trainer import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "Core",
     "CoreFn",
     "ELSTMCell",
     "Estimator",
     "EstimatorInfo",
+    "GradientTrajectory",
     "Head",
     "LRUCell",
     "LeakyRNNCell",
@@ -84,6 +94,7 @@ __all__ = [
     "bptt_value_and_grad",
     "carry_cotangent",
     "cast_floating",
+    "compare_gradients",
     "copy_task",
     "dynamics_and_immediate",
     "estimator_options",
@@ -93,6 +104,9 @@ __all__ = [
     "from_linen",
     "from_nnx",
     "get_estimator_info",
+    "gradient_alignment",
+    "gradient_bias_variance",
+    "gradient_trajectory",
     "influence_matrix",
     "init_train_state",
     "linear_head",

@@ -9,9 +9,9 @@ import pytest
 
 from rtrl_jax import from_linen, rtrl, uoro
 from rtrl_jax._src.compare import (
-    alignment,
-    bias_variance,
     compare_gradients,
+    gradient_alignment,
+    gradient_bias_variance,
     load_compare_config,
     window_sums,
 )
@@ -86,15 +86,15 @@ def test_training_by_an_estimator_moves_the_parameters():
 def test_window_sums_alignment_and_bias_variance_by_hand():
     g = jnp.arange(12.0).reshape(6, 2)
     assert jnp.allclose(window_sums(g, 3), jnp.array([[6.0, 9.0], [24.0, 27.0]]))
-    a = alignment(-g, g, 2)
+    a = gradient_alignment(-g, g, 2)
     assert a["cosine"] == pytest.approx(-1.0) and a["rel_error"] == pytest.approx(2.0)
     exact = jnp.ones((4, 3))
     samples = jnp.stack([exact + 1.0, exact - 1.0])  # unbiased, variance 3 per step vs ‖g‖² = 3
-    stats = bias_variance(samples, exact)
+    stats = gradient_bias_variance(samples, exact)
     assert stats["variance"] == pytest.approx(1.0)
     assert stats["bias2"] == pytest.approx(-1.0)  # 0 − tr Σ̂/K = −(2·3)/2 / 3
     with pytest.raises(ValueError, match="2 keys"):
-        bias_variance(samples[:1], exact)
+        gradient_bias_variance(samples[:1], exact)
 
 
 def test_compare_command_writes_json_markdown_and_png(tmp_path, capsys):

@@ -243,14 +243,18 @@ def run_copy_curriculum(cfg: dict) -> dict:
 
 def run_char_lm(cfg: dict) -> dict:
     """Character-level language modelling; validation bits per character of each estimator."""
-    path = Path(cfg["text"]).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"text: {str(path)!r} does not exist; pass text=PATH to a text file.")
-    data, vocab = _read_chars(path, cfg["max_chars"])
+    from rtrl_jax._src.text import TextDataError, char_stream, load_text, vocabulary
+
+    try:
+        chars = load_text(Path(cfg["text"]).expanduser(), max_chars=cfg["max_chars"])
+    except TextDataError as error:
+        raise ConfigError(f"text: {error} Pass text=PATH to a text file.") from None
+    vocab = vocabulary(chars).chars
+    data = vocabulary(chars).encode(chars)
     n_valid = cfg["valid_chars"]
     if len(data) < n_valid + cfg["steps"] + 2:
         raise ConfigError(
-            f"text: {str(path)!r} has {len(data)} characters, fewer than valid_chars + steps + 2."
+            f"text: {cfg['text']!r} has {len(data)} characters, fewer than valid_chars + steps + 2."
         )
     train_ids, valid_ids = data[:-n_valid], data[-n_valid:]
     size = len(vocab)
@@ -259,8 +263,8 @@ def run_char_lm(cfg: dict) -> dict:
         rng = np.random.default_rng(3000 + seed)
         starts = rng.integers(0, len(train_ids) - cfg["steps"] - 1, cfg["batch_size"])
         ids = np.stack([train_ids[s : s + cfg["steps"] + 1] for s in starts])
-        stream = _char_stream(ids, size)
-        valid = _char_stream(valid_ids[None, :], size)
+        stream = char_stream(ids, size)
+        valid = char_stream(valid_ids[None, :], size)
         for spec in cfg["estimators"]:
             label = _estimator_label(spec)
             learner = _Learner(cfg, spec, size, size, seed)
@@ -275,22 +279,6 @@ def run_char_lm(cfg: dict) -> dict:
             entry["valid_bpc"].append(bpc)
             entry["train_bpc_curves"].append(_thin(loss / np.log(2.0)))
     return {"vocab_size": size, "unigram_bpc": _unigram_bpc(train_ids, valid_ids, size), "results": rows}
-
-
-def _read_chars(path: Path, max_chars: int) -> tuple[np.ndarray, list[str]]:
-    """The first ``max_chars`` characters of ``path`` as ids into its sorted character set."""
-    chars = path.read_text(encoding="utf-8", errors="replace")[:max_chars]
-    vocab = sorted(set(chars))
-    index = {c: i for i, c in enumerate(vocab)}
-    return np.array([index[c] for c in chars], np.int32), vocab
-
-
-def _char_stream(ids: np.ndarray, size: int) -> tasks.Stream:
-    inputs = jax.nn.one_hot(ids[:, :-1], size, dtype=jnp.float32)
-    targets = jax.nn.one_hot(ids[:, 1:], size, dtype=jnp.float32)
-    mask = jnp.ones(ids[:, 1:].shape, jnp.float32)
-    reset = jnp.zeros(mask.shape, bool).at[:, 0].set(True)
-    return tasks.Stream(inputs, targets, mask, reset)
 
 
 def _evaluate_bpc(learner: _Learner, valid: tasks.Stream) -> float:

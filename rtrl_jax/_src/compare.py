@@ -40,7 +40,7 @@ from rtrl_jax._src.online import carry_cotangent
 _TINY = 1e-30
 
 
-class Trajectory(NamedTuple):
+class GradientTrajectory(NamedTuple):
     """Per-step flat gradients on one shared trajectory.
 
     Attributes:
@@ -67,7 +67,7 @@ def gradient_trajectory(
     key: jax.Array,
     train_with: str | None = None,
     learning_rate: float = 0.0,
-) -> Trajectory:
+) -> GradientTrajectory:
     """Runs ``estimators`` and the exact shadow ``exact`` side by side over one stream.
 
     Args:
@@ -85,7 +85,7 @@ def gradient_trajectory(
       learning_rate: the SGD step size when ``train_with`` is set.
 
     Returns:
-      A :class:`Trajectory`. Pure; jit it (estimators closed over).
+      A :class:`GradientTrajectory`. Pure; jit it (estimators closed over).
     """
     names = list(estimators)
     if train_with is not None and train_with not in (*names, "exact"):
@@ -117,7 +117,7 @@ def gradient_trajectory(
     _, (grads, exact_grads, losses) = jax.lax.scan(
         body, (params, carry, traces, exact_trace), (inputs, targets, step_keys)
     )
-    return Trajectory(grads, exact_grads, losses)
+    return GradientTrajectory(grads, exact_grads, losses)
 
 
 def window_sums(grads: jax.Array, window: int) -> jax.Array:
@@ -131,7 +131,7 @@ def _masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def alignment(estimate: jax.Array, exact: jax.Array, window: int = 1) -> dict[str, jax.Array]:
+def gradient_alignment(estimate: jax.Array, exact: jax.Array, window: int = 1) -> dict[str, jax.Array]:
     """Cosine alignment and relative error of ``estimate`` against ``exact`` over windows.
 
     Args:
@@ -159,7 +159,7 @@ def alignment(estimate: jax.Array, exact: jax.Array, window: int = 1) -> dict[st
     }
 
 
-def bias_variance(samples: jax.Array, exact: jax.Array) -> dict[str, jax.Array]:
+def gradient_bias_variance(samples: jax.Array, exact: jax.Array) -> dict[str, jax.Array]:
     """Relative squared bias and variance of per-step gradients over keys.
 
     Args:
@@ -194,13 +194,13 @@ class Comparison(NamedTuple):
         as Python floats.
       curves: ``{name: {w: (T // w,) cosine per window, averaged over keys}}`` as NumPy arrays.
       loss: ``(K, T)`` step losses of each key's trajectory.
-      trajectory: the raw :class:`Trajectory` with a leading key axis.
+      trajectory: the raw :class:`GradientTrajectory` with a leading key axis.
     """
 
     summary: dict[str, dict[str, float]]
     curves: dict[str, dict[int, np.ndarray]]
     loss: np.ndarray
-    trajectory: Trajectory
+    trajectory: GradientTrajectory
 
 
 def compare_gradients(
@@ -221,7 +221,7 @@ def compare_gradients(
     """Gradient quality of ``estimators`` against exact RTRL, over ``keys`` (vmapped).
 
     Runs :func:`gradient_trajectory` once per key (``jax.vmap``, one ``jit``) and summarises it
-    with :func:`alignment` for each window of ``windows`` and :func:`bias_variance`.
+    with :func:`gradient_alignment` for each window of ``windows`` and :func:`gradient_bias_variance`.
 
     Example::
 
@@ -260,12 +260,12 @@ def compare_gradients(
         for name, grads in traj.grads.items():
             entry = {}
             for w in windows:
-                a = alignment(grads, traj.exact, w)
+                a = gradient_alignment(grads, traj.exact, w)
                 entry[f"cosine@{w}"] = a["cosine"]
                 entry[f"rel_error@{w}"] = a["rel_error"]
                 entry[f"curve@{w}"] = a["cosine_per_window"]
             if keys.shape[0] >= 2:
-                entry.update(bias_variance(grads, traj.exact))
+                entry.update(gradient_bias_variance(grads, traj.exact))
             stats[name] = entry
         return traj, stats
 
@@ -301,7 +301,8 @@ def plot_comparison(comparison: Comparison, windows: Sequence[int], path: Any) -
         curve = curves[w0]
         smooth = max(1, curve.shape[0] // 50)
         kernel = np.ones(smooth) / smooth
-        ax1.plot(np.arange(curve.shape[0]) * w0, np.convolve(curve, kernel, mode="same"), label=name)
+        smoothed = np.convolve(curve, kernel, mode="valid")
+        ax1.plot((np.arange(smoothed.shape[0]) + (smooth - 1) / 2) * w0, smoothed, label=name)
     ax1.set_xlabel("step")
     ax1.set_ylabel(f"cos(estimate, exact), window {w0}")
     ax1.set_title("alignment along the trajectory")
@@ -311,7 +312,7 @@ def plot_comparison(comparison: Comparison, windows: Sequence[int], path: Any) -
     ax2.set_xscale("log")
     ax2.set_xlabel("window (steps summed)")
     ax2.set_ylabel("mean cosine with exact RTRL")
-    ax2.set_title("alignment rises when gradients are summed")
+    ax2.set_title("alignment against the window")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
