@@ -1,7 +1,9 @@
 """The ``rtrl-jax`` command line.
 
 - ``rtrl-jax train [CONFIG] [key=value ...] [--out DIR]``: an online training job (the embedded
-  default without CONFIG: copy task, a small GRU, exact RTRL).
+  default without CONFIG: copy task, a small GRU, exact RTRL). Ctrl-C or SIGTERM saves a checkpoint;
+  ``rtrl-jax train --resume RUN_DIR`` continues the run from its newest good checkpoint.
+- ``rtrl-jax plot RUN_DIR``: PNG learning curves of a run folder.
 - ``rtrl-jax estimators``: the registered estimators and the cells each can serve.
 - ``rtrl-jax compare [CONFIG] [key=value ...] [--out DIR]``: gradient quality of estimators against
   an exact-RTRL shadow on one shared trajectory (JSON, markdown table, PNG).
@@ -26,25 +28,65 @@ def _default_out(config) -> Path:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rtrl_jax._src.run import run_training
+    from rtrl_jax._src.run import RunError, run_training
 
-    config = load_config(args.config, args.overrides)
-    out_dir = Path(args.out) if args.out else _default_out(config)
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError(
+                "--resume RUN_DIR takes the run's own config.yaml; drop the CONFIG, key=value"
+                " overrides and --out (a changed config would not continue the same run)."
+            )
+        out_dir = Path(args.resume)
+        if not (out_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {str(out_dir)!r} is not a run folder (no config.yaml).")
+        config = load_config(out_dir / "config.yaml")
+    else:
+        config = load_config(args.config, args.overrides)
+        out_dir = Path(args.out) if args.out else _default_out(config)
     print(
         f"rtrl-jax train: task={config.task} cell={config.model.cell} hidden={config.model.hidden} "
         f"estimator={config.estimator} steps={config.train.steps} batch={config.train.batch_size}"
-        f" -> {out_dir}",
+        f" -> {out_dir}{' (resume)' if args.resume else ''}",
         flush=True,
     )
     with tqdm(total=config.train.steps, unit="step", disable=args.quiet, file=sys.stderr) as bar:
 
         def on_chunk(steps_done, info):
             bar.update(steps_done - bar.n)
-            bar.set_postfix(loss=f"{info['loss']:.4f}", steps_s=f"{info['steps_per_s']:.0f}")
+            postfix = {"loss": f"{info['loss']:.4f}", "steps/s": f"{info['steps_per_s']:.0f}"}
+            if info.get("nonfinite"):
+                postfix["nonfinite"] = info["nonfinite"]
+            bar.set_postfix(postfix)
 
-        summary = run_training(config, out_dir, on_chunk=on_chunk)
+        try:
+            summary = run_training(config, out_dir, on_chunk=on_chunk, resume=bool(args.resume))
+        except RunError as error:
+            print(f"rtrl-jax: {error}", file=sys.stderr)
+            return 2
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out_dir}")
+    if summary["status"] == "interrupted":
+        print(
+            f"interrupted at step {summary['steps']} (checkpoint saved);"
+            f" continue with: rtrl-jax train --resume {out_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    if summary["status"] == "stopped_nonfinite":
+        print(f"rtrl-jax: stopped: {summary['stop']['message']}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from rtrl_jax._src.plot import plot_run
+
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as error:
+        print(f"rtrl-jax: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
     return 0
 
 
@@ -66,8 +108,10 @@ def _compare(args: argparse.Namespace) -> int:
     from rtrl_jax._src.compare import load_compare_config, run_compare
 
     config = load_compare_config(args.config, args.overrides)
-    out_dir = Path(args.out) if args.out else Path("runs") / (
-        datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-compare-{config.task}"
+    out_dir = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-compare-{config.task}")
     )
     document = run_compare(config, out_dir)
     print((out_dir / "compare.md").read_text())
@@ -83,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     train.add_argument("--out", help="run folder (default: runs/<time>-<task>-<estimator>)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest good checkpoint")
     train.set_defaults(run=_train)
+    plot = commands.add_parser("plot", help="PNG learning curves of a run folder")
+    plot.add_argument("run_dir", help="a run folder (with metrics.jsonl)")
+    plot.add_argument("--out", help="the PNG (default: RUN_DIR/learning_curves.png)")
+    plot.set_defaults(run=_plot)
     estimators = commands.add_parser("estimators", help="list estimators and the cells they serve")
     estimators.set_defaults(run=_estimators)
     compare = commands.add_parser("compare", help="gradient quality of estimators against exact RTRL")

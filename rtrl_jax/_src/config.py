@@ -47,6 +47,12 @@ class TrainConfig:
       update_every: apply the update every k steps (``optax.MultiSteps``; 1 = every step).
       chunk_size: steps per jitted chunk between progress reports.
       seed: the random seed of parameters, data and estimator noise.
+      checkpoint_every: save a checkpoint every this many steps (a multiple of ``chunk_size``;
+        0: only at the end and on interrupt).
+      keep_checkpoints: how many checkpoints to keep (>= 1).
+      nonfinite: what a step with a NaN or infinity in the loss, gradient, carry, trace or updated
+        parameters does: ``skip`` (no update, carries and traces restarted, the run goes on),
+        ``stop`` (the same, then the run stops) or ``ignore``.
     """
 
     steps: int = 8000
@@ -56,6 +62,9 @@ class TrainConfig:
     update_every: int = 1
     chunk_size: int = 250
     seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    nonfinite: str = "skip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,7 @@ class RunConfig:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+NONFINITE_POLICIES = ("skip", "stop", "ignore")
 DTYPES = ("float32", "float64")
 _POSITIVE = {
     "model.hidden",
@@ -88,7 +98,9 @@ _POSITIVE = {
     "train.update_every",
     "train.chunk_size",
     "train.learning_rate",
+    "train.keep_checkpoints",
 }
+_NON_NEGATIVE = {"train.checkpoint_every", "train.seed"}
 
 
 def _type_name(tp: Any) -> str:
@@ -129,6 +141,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             values[name] = _check_type(key, value, tp)
             if key in _POSITIVE and values[name] <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value!r}.")
+            if key in _NON_NEGATIVE and values[name] < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value!r}.")
     return cls(**values)
 
 
@@ -168,6 +182,17 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(
             f"train.optimizer: unknown optimizer {config.train.optimizer!r};"
             f" allowed: {', '.join(OPTIMIZERS)}."
+        )
+    if config.train.nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(
+            f"train.nonfinite: unknown policy {config.train.nonfinite!r};"
+            f" allowed: {', '.join(NONFINITE_POLICIES)}."
+        )
+    every, chunk = config.train.checkpoint_every, config.train.chunk_size
+    if every % chunk:
+        raise ConfigError(
+            f"train.checkpoint_every: {every} is not a multiple of train.chunk_size={chunk}"
+            " (checkpoints are taken at chunk ends); allowed: 0 or a multiple of the chunk size."
         )
     return config
 

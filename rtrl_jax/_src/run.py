@@ -1,14 +1,24 @@
 """A training run from a :class:`~rtrl_jax._src.config.RunConfig`: build, train, write the run folder.
 
-The run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
-step: step, loss, accuracy, grad_norm) and ``summary.json`` (initial and final loss, accuracy where
-it applies, steps/s, estimator, cell, task, device, versions).
+The run folder holds
+
+- ``config.yaml``: the resolved config;
+- ``metrics.jsonl`` and ``metrics.csv``: one row per step: step, loss, accuracy, grad_norm, weight
+  (the summed loss weights) and nonfinite (0, or the bit flags of the non-finite quantities);
+- ``checkpoints/``: Orbax checkpoints of the whole run state every ``train.checkpoint_every`` steps,
+  on interrupt (SIGINT / SIGTERM) and at the end; ``run_training(..., resume=True)`` (the CLI's
+  ``--resume RUN_DIR``) continues from the newest good one, bitwise as if never stopped;
+- ``summary.json``: status, initial and final loss, accuracy where it applies, non-finite events,
+  steps/s, estimator, cell, task, device, versions.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +31,16 @@ import optax
 import yaml
 
 from rtrl_jax._src import models, tasks
+from rtrl_jax._src.checkpoint import Checkpointer
 from rtrl_jax._src.config import RunConfig, to_dict
 from rtrl_jax._src.registry import make_estimator
 from rtrl_jax._src.trainer import (
+    NonFiniteError,
     OnlineTrainState,
     StepMetrics,
     init_train_state,
     linear_head,
+    nonfinite_names,
     train_online,
 )
 
@@ -38,6 +51,10 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
     if config.train.update_every > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.train.update_every)
     return optimizer
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used as asked (e.g. a fresh run into a folder with checkpoints)."""
 
 
 def _window_mean(values: np.ndarray, weights: np.ndarray) -> float | None:
@@ -59,42 +76,109 @@ def summarize(metrics: StepMetrics, *, hard_targets: bool) -> dict[str, Any]:
     return summary
 
 
-def write_metrics(path: Path, metrics: StepMetrics, first_step: int) -> None:
-    """Appends one JSON line per step to ``path``."""
-    with path.open("a") as f:
-        for i in range(metrics.loss.shape[0]):
-            weight = float(metrics.weight[i])
-            row = {
+METRIC_COLUMNS = ("step", "loss", "accuracy", "grad_norm", "weight", "nonfinite")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def metric_rows(metrics: StepMetrics, first_step: int) -> list[dict[str, Any]]:
+    """One dict per step (``METRIC_COLUMNS``); means over the batch, ``None`` where undefined."""
+    rows = []
+    for i in range(metrics.loss.shape[0]):
+        weight = float(metrics.weight[i])
+        rows.append(
+            {
                 "step": first_step + i + 1,
-                "loss": float(metrics.loss[i]) / weight if weight > 0 else None,
+                "loss": _finite_or_none(float(metrics.loss[i]) / weight) if weight > 0 else None,
                 "accuracy": float(metrics.correct[i]) / weight if weight > 0 else None,
-                "grad_norm": float(metrics.grad_norm[i]),
+                "grad_norm": _finite_or_none(float(metrics.grad_norm[i])),
+                "weight": weight,
+                "nonfinite": int(metrics.nonfinite[i]),
             }
+        )
+    return rows
+
+
+def write_metrics(out_dir: Path, rows: list[dict[str, Any]], *, fresh: bool = False) -> None:
+    """Appends ``rows`` to ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir`` (``fresh``: rewrite)."""
+    mode = "w" if fresh else "a"
+    with (out_dir / "metrics.jsonl").open(mode) as f:
+        for row in rows:
             f.write(json.dumps(row) + "\n")
+    csv_path = out_dir / "metrics.csv"
+    new_csv = fresh or not csv_path.exists()
+    with csv_path.open(mode if not new_csv else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if new_csv:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
-def run_training(
-    config: RunConfig,
-    out_dir: str | Path,
-    *,
-    on_chunk: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Runs the online training job of ``config`` and writes its run folder.
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` in a run folder (a cut-off last line is dropped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
-    Args:
-      config: a validated config.
-      out_dir: the run folder (created).
-      on_chunk: ``(steps_done, {"loss": ..., "steps_per_s": ...})`` after each chunk (progress bars).
 
-    Returns:
-      The summary (also written to ``summary.json``).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+def rows_to_metrics(rows: list[dict[str, Any]]) -> StepMetrics:
+    """Summed :class:`StepMetrics` back from metric rows (for summaries over a resumed run)."""
 
+    def column(name, scale):
+        return np.array(
+            [(r[name] if r[name] is not None else 0.0) * (r["weight"] if scale else 1.0) for r in rows],
+            np.float64,
+        )
+
+    return StepMetrics(
+        loss=column("loss", True),
+        weight=column("weight", False),
+        correct=column("accuracy", True),
+        grad_norm=column("grad_norm", False),
+        nonfinite=np.array([r["nonfinite"] for r in rows], np.int32),
+    )
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalCatcher:
+    """Turns SIGINT / SIGTERM into a flag read at chunk ends (a second signal acts at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _build(config: RunConfig):
     dtype = jnp.dtype(config.model.dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
@@ -117,38 +201,130 @@ def run_training(
         batch_size=config.train.batch_size,
         key=key_state,
     )
+    return task, core, estimator, optimizer, head, stream, state
 
-    timing = {"start": time.perf_counter(), "first_chunk_end": None, "first_chunk_steps": 0}
+
+def run_training(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    on_chunk: Callable[[int, dict[str, float]], None] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Runs the online training job of ``config`` and writes its run folder.
+
+    SIGINT and SIGTERM are caught: the run stops at the end of the current chunk, saves a
+    checkpoint and returns a summary with ``status: "interrupted"``.
+
+    Args:
+      config: a validated config.
+      out_dir: the run folder (created).
+      on_chunk: ``(steps_done, {"loss": ..., "steps_per_s": ..., "nonfinite": ...})`` after each
+        chunk (progress bars).
+      resume: continue the run in ``out_dir`` from its newest good checkpoint (from the start if it
+        has none); ``config`` must be the run's (``load_config(out_dir / "config.yaml")``).
+
+    Returns:
+      The summary (also written to ``summary.json``), with ``status`` one of ``finished``,
+      ``interrupted`` or ``stopped_nonfinite``.
+
+    Raises:
+      RunError: a fresh run into a folder that already holds checkpoints.
+    """
+    out_dir = Path(out_dir)
+    checkpoint_dir = out_dir / "checkpoints"
+    if not resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+        raise RunError(
+            f"run folder {str(out_dir)!r} already holds checkpoints; continue it with"
+            f" `rtrl-jax train --resume {out_dir}` or choose another --out."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    task, core, estimator, optimizer, head, stream, state = _build(config)
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
+    resumed_from = None
+    if resume:
+        restored = checkpointer.restore_latest(like=state)
+        if restored is not None:
+            state, resumed_from = restored, int(restored.step)
+    start = int(state.step)
+    earlier = [row for row in read_metrics(out_dir) if row["step"] <= start]
+    write_metrics(out_dir, earlier, fresh=True)
+
+    timing = {"start": time.perf_counter(), "first_chunk_end": None, "first_chunk_steps": start}
+    timing["rate"] = math.nan
+    every = config.train.checkpoint_every
+
+    latest = {"state": state}
 
     def callback(state: OnlineTrainState, metrics: StepMetrics) -> None:
+        latest["state"] = state
         steps_done = int(state.step)
-        write_metrics(metrics_path, metrics, steps_done - metrics.loss.shape[0])
+        write_metrics(out_dir, metric_rows(metrics, steps_done - metrics.loss.shape[0]))
         now = time.perf_counter()
         if timing["first_chunk_end"] is None:
             timing["first_chunk_end"], timing["first_chunk_steps"] = now, steps_done
-            rate = steps_done / (now - timing["start"])
-        else:
-            rate = (steps_done - timing["first_chunk_steps"]) / (now - timing["first_chunk_end"])
-        timing["rate"] = rate
+            timing["rate"] = (steps_done - start) / (now - timing["start"])
+        elif steps_done > timing["first_chunk_steps"]:
+            timing["rate"] = (steps_done - timing["first_chunk_steps"]) / (now - timing["first_chunk_end"])
         if on_chunk is not None:
             loss = _window_mean(metrics.loss, metrics.weight)
-            on_chunk(steps_done, {"loss": math.nan if loss is None else loss, "steps_per_s": rate})
+            on_chunk(
+                steps_done,
+                {
+                    "loss": math.nan if loss is None else loss,
+                    "steps_per_s": timing["rate"],
+                    "nonfinite": int(np.count_nonzero(metrics.nonfinite)),
+                },
+            )
+        if catcher.signum is not None:
+            checkpointer.save(state)
+            raise _Interrupted(catcher.signum)
+        if every and steps_done % every == 0 and steps_done < config.train.steps:
+            checkpointer.save(state)
 
-    state, metrics = train_online(
-        core,
-        estimator,
-        optimizer,
-        stream,
-        state,
-        head=head,
-        chunk_size=config.train.chunk_size,
-        callback=callback,
-    )
+    status, event = "finished", None
+    try:
+        with _SignalCatcher() as catcher:
+            if start < config.train.steps:
+                state, _ = train_online(
+                    core,
+                    estimator,
+                    optimizer,
+                    stream,
+                    state,
+                    head=head,
+                    chunk_size=config.train.chunk_size,
+                    callback=callback,
+                    nonfinite=config.train.nonfinite,
+                )
+            checkpointer.save(state)
+    except _Interrupted as interrupt:
+        status, state = "interrupted", latest["state"]
+        event = {"signal": signal.Signals(interrupt.signum).name}
+    except NonFiniteError as error:
+        status, state = "stopped_nonfinite", error.state
+        event = {"step": error.step, "quantities": error.quantities, "message": str(error)}
+        checkpointer.save(state)
+    finally:
+        checkpointer.close()
+
+    rows = read_metrics(out_dir)
+    all_metrics = rows_to_metrics(rows)
+    bad = [row for row in rows if row["nonfinite"]]
     device = jax.devices()[0]
     summary = {
-        **summarize(metrics, hard_targets=task.hard_targets),
+        "status": status,
+        **summarize(all_metrics, hard_targets=task.hard_targets),
         "steps": int(state.step),
-        "steps_per_s": timing["rate"],
+        "resumed_from": resumed_from,
+        "nonfinite_steps": len(bad),
+        "nonfinite_events": [
+            {"step": row["step"], "quantities": nonfinite_names(row["nonfinite"])} for row in bad[:20]
+        ],
+        "steps_per_s": _finite_or_none(timing["rate"]),
         "wall_s": time.perf_counter() - timing["start"],
         "estimator": config.estimator,
         "estimator_options": config.estimator_options,
@@ -159,5 +335,23 @@ def run_training(
         "device": f"{device.platform}:{device.device_kind}",
         "jax_version": jax.__version__,
     }
+    if status == "interrupted":
+        summary["interrupt"] = event
+    elif status == "stopped_nonfinite":
+        summary["stop"] = event
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def restore_final_state(run_dir: str | Path) -> OnlineTrainState | None:
+    """The newest good checkpointed state of a run folder (built from its ``config.yaml``)."""
+    from rtrl_jax._src.config import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    *_, state = _build(config)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    try:
+        return checkpointer.restore_latest(like=state)
+    finally:
+        checkpointer.close()

@@ -11,6 +11,13 @@ At every step ``t`` of a batch of independent streams the trainer
 
 Everything a run needs between steps is the :class:`OnlineTrainState` pytree, so a whole run is one
 ``jax.lax.scan`` and can be stopped and resumed between chunks.
+
+Numerical guard: every step checks the loss, the gradient, the new carries and traces and the
+updated parameters for non-finite values. Under the default policy ``"skip"`` a bad step leaves the
+parameters and optimizer state unchanged and restarts the carries and traces of all streams; under
+``"stop"`` the run also halts after that step (:class:`NonFiniteError` from :func:`train_online`);
+``"ignore"`` applies the update anyway. The quantities found are in ``StepMetrics.nonfinite`` (bit
+flags, :func:`nonfinite_names`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 import optax
 
 from rtrl_jax._src.base import Estimator, Params
+from rtrl_jax._src.config import NONFINITE_POLICIES
 from rtrl_jax._src.cores import Core
 from rtrl_jax._src.online import online_grad
 from rtrl_jax._src.tasks import Stream
@@ -88,12 +96,52 @@ class StepMetrics(NamedTuple):
       weight: the summed loss weights (``mask``), so ``loss / weight`` is the mean loss.
       correct: the summed weights of streams whose argmax prediction matches the target's.
       grad_norm: the norm of the batch-mean gradient.
+      nonfinite: 0 for a finite step, else the bit flags of :data:`NONFINITE_FLAGS` of the quantities
+        that held a NaN or infinity (:func:`nonfinite_names` reads them).
     """
 
     loss: jax.Array
     weight: jax.Array
     correct: jax.Array
     grad_norm: jax.Array
+    nonfinite: jax.Array
+
+
+NONFINITE_FLAGS = {"loss": 1, "grad": 2, "carry": 4, "trace": 8, "params": 16}
+
+
+def nonfinite_names(flags: int) -> list[str]:
+    """The quantities named by the bit flags of ``StepMetrics.nonfinite``, e.g. ``["loss", "grad"]``."""
+    return [name for name, bit in NONFINITE_FLAGS.items() if int(flags) & bit]
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite value under the ``"stop"`` policy.
+
+    Attributes:
+      step: the 1-based step whose values were not finite.
+      quantities: their names (``loss``, ``grad``, ``carry``, ``trace``, ``params``).
+      state: the state after that step (its update skipped, carries and traces restarted): training
+        can resume from it.
+      metrics: the per-step metrics up to and including that step.
+    """
+
+    def __init__(self, step: int, quantities: list[str], state: Any = None, metrics: Any = None):
+        super().__init__(
+            f"non-finite {', '.join(quantities)} at step {step}; the update was skipped and the run "
+            "stopped (policy 'stop'; 'skip' would go on)."
+        )
+        self.step, self.quantities, self.state, self.metrics = step, quantities, state, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating leaf of ``tree`` is finite (True for a tree without floating leaves)."""
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def _select(flags: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -144,6 +192,7 @@ def make_train_step(
     *,
     head: Head | None = None,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    nonfinite: str = "skip",
 ) -> Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]]:
     """One online step for a batch of streams.
 
@@ -154,11 +203,16 @@ def make_train_step(
         ``optax.MultiSteps`` to update every ``k`` steps.
       head: the readout (default :func:`linear_head`).
       loss_fn: ``(logits, targets) -> scalar`` loss of one step of one stream.
+      nonfinite: what a step with a non-finite loss, gradient, carry, trace or updated parameter
+        does: ``"skip"`` (keep parameters and optimizer state, restart all carries and traces),
+        ``"stop"`` (the same; :func:`make_train_chunk` then halts) or ``"ignore"`` (update anyway).
 
     Returns:
       ``train_step(state, batch) -> (state, metrics)`` where ``batch`` is a :class:`Stream` slice
       for one time step (leading axis batch). Pure; jit it or scan it.
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}.")
     head = head or linear_head()
 
     def stream_step(params, trace, carry, x, target, weight, key):
@@ -191,9 +245,25 @@ def make_train_step(
         )
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        checks = {
+            "loss": _all_finite(loss),
+            "grad": _all_finite(grads),
+            "carry": _all_finite(carry),
+            "trace": _all_finite(trace),
+            "params": _all_finite(new_params),
+        }
+        flags = sum(jnp.where(ok, 0, NONFINITE_FLAGS[name]) for name, ok in checks.items())
+        flags = flags.astype(jnp.int32)
+        if nonfinite != "ignore":
+            ok = flags == 0
+            new_params, opt_state = _select(ok, (new_params, opt_state), (params, state.opt_state))
+            everywhere = jnp.broadcast_to(ok, batch.reset.shape)
+            carry = _select(everywhere, carry, fresh_carry)
+            trace = _select(everywhere, trace, fresh_trace)
         new_state = OnlineTrainState(
             step=state.step + 1,
-            params=optax.apply_updates(params, updates),
+            params=new_params,
             opt_state=opt_state,
             carry=carry,
             trace=trace,
@@ -204,8 +274,11 @@ def make_train_step(
             weight=jnp.sum(batch.mask),
             correct=jnp.sum(correct),
             grad_norm=optax.global_norm(grads),
+            nonfinite=flags,
         )
         return new_state, metrics
+
+    train_step.nonfinite = nonfinite
 
     return train_step
 
@@ -215,15 +288,32 @@ def make_train_chunk(
 ) -> Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]]:
     """Many steps in one jitted ``jax.lax.scan``.
 
+    For a ``train_step`` made with ``nonfinite="stop"``, the steps after a non-finite one leave the
+    state as it is (so ``state.step`` tells where the chunk halted) and report zero metrics.
+
     Returns:
       ``train_chunk(state, stream) -> (state, metrics)`` for a stream with axes (batch, time, ...)
       and metrics with a leading time axis.
     """
+    stop = getattr(train_step, "nonfinite", None) == "stop"
+
+    def halting_step(carry, batch):
+        state, halted = carry
+
+        def skip(state, batch):
+            _, metrics = jax.eval_shape(train_step, state, batch)
+            return state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+
+        state, metrics = jax.lax.cond(halted, skip, train_step, state, batch)
+        return (state, halted | (metrics.nonfinite != 0)), metrics
 
     @jax.jit
     def train_chunk(state, stream):
         time_major = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), stream)
-        return jax.lax.scan(train_step, state, time_major)
+        if not stop:
+            return jax.lax.scan(train_step, state, time_major)
+        (state, _), metrics = jax.lax.scan(halting_step, (state, jnp.array(False)), time_major)
+        return state, metrics
 
     return train_chunk
 
@@ -239,15 +329,23 @@ def train_online(
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
     chunk_size: int = 500,
     callback: Callable[[OnlineTrainState, StepMetrics], None] | None = None,
+    nonfinite: str = "skip",
 ) -> tuple[OnlineTrainState, StepMetrics]:
     """Trains online over ``stream`` (leading axes batch, time), from ``state.step`` to its end.
 
     The stream is consumed in jitted chunks of ``chunk_size`` steps (the last chunk may be shorter);
     ``callback(state, chunk_metrics)`` runs on the host after each chunk (progress bars,
-    checkpoints). Starting from a state part-way through (``state.step > 0``) resumes the run.
+    checkpoints). Starting from a state part-way through (``state.step > 0``) resumes the run; with
+    the same ``chunk_size`` and a start at a chunk end the result is bitwise that of one long run.
+
+    Args:
+      nonfinite: the policy for non-finite values (see :func:`make_train_step`).
 
     Returns:
       ``(final state, per-step metrics)`` with metrics as NumPy arrays over the steps taken.
+
+    Raises:
+      NonFiniteError: under ``nonfinite="stop"``, after the callback of the chunk with the bad step.
     """
     if stream.inputs.ndim < 3:
         raise ValueError(
@@ -266,18 +364,31 @@ def train_online(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     dtype = jnp.result_type(*jax.tree.leaves(state.params))
     stream = stream._replace(inputs=stream.inputs.astype(dtype), targets=stream.targets.astype(dtype))
-    train_chunk = make_train_chunk(make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn))
+    train_step = make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite)
+    train_chunk = make_train_chunk(train_step)
     collected = []
     start = int(state.step)
+    if start > num_steps:
+        raise ValueError(f"the state is at step {start}, past the end of the {num_steps}-step stream.")
     for begin in range(start, num_steps, chunk_size):
         end = min(begin + chunk_size, num_steps)
         chunk = jax.tree.map(lambda a, b=begin, e=end: a[:, b:e], stream)
         state, metrics = train_chunk(state, chunk)
-        metrics = StepMetrics(*(np.asarray(m) for m in metrics))
+        taken = int(state.step) - begin
+        metrics = StepMetrics(*(np.asarray(m)[:taken] for m in metrics))
         collected.append(metrics)
         if callback is not None:
             callback(state, metrics)
+        if nonfinite == "stop" and taken and metrics.nonfinite[-1] != 0:
+            everything = _concatenate(collected)
+            raise NonFiniteError(
+                int(state.step), nonfinite_names(metrics.nonfinite[-1]), state=state, metrics=everything
+            )
+    return state, _concatenate(collected)
+
+
+def _concatenate(collected: list[StepMetrics]) -> StepMetrics:
     if not collected:
         empty = np.zeros((0,), np.float32)
-        return state, StepMetrics(empty, empty, empty, empty)
-    return state, StepMetrics(*(np.concatenate(parts) for parts in zip(*collected, strict=True)))
+        return StepMetrics(empty, empty, empty, empty, np.zeros((0,), np.int32))
+    return StepMetrics(*(np.concatenate(parts) for parts in zip(*collected, strict=True)))
