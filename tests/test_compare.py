@@ -1,4 +1,4 @@
-"""Gradient-quality tooling: exact RTRL aligns with itself, windows raise UORO's alignment, outputs."""
+"""Gradient-quality tooling: exact RTRL aligns with itself, windows raise UORO/KF/OK alignment, outputs."""
 
 import json
 
@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rtrl_jax import from_linen, rtrl, uoro
+from rtrl_jax import from_linen, kf_rtrl, ok, rtrl, uoro
 from rtrl_jax._src.compare import (
     compare_gradients,
     gradient_alignment,
@@ -37,7 +37,7 @@ def test_exact_rtrl_aligns_with_itself_and_uoro_rises_with_the_window():
     core, params, carry, xs, ys, loss_fn = _setup()
     result = compare_gradients(
         core,
-        {"rtrl": rtrl(core), "uoro": uoro(core)},
+        {"rtrl": rtrl(core), "uoro": uoro(core), "kf": kf_rtrl(core), "ok": ok(core, rank=1)},
         rtrl(core),
         params,
         carry,
@@ -54,6 +54,8 @@ def test_exact_rtrl_aligns_with_itself_and_uoro_rises_with_the_window():
     assert exact["variance"] == pytest.approx(0.0, abs=1e-20)
     u = result.summary["uoro"]
     assert u["cosine@1"] < u["cosine@10"] < u["cosine@40"]
+    for name in ("kf", "ok"):  # unbiased noise cancels in window sums
+        assert result.summary[name]["cosine@1"] < result.summary[name]["cosine@40"]
     assert u["variance"] > 0
     assert result.curves["uoro"][10].shape == (12,)
     assert result.loss.shape == (6, 120)
@@ -108,12 +110,12 @@ def test_compare_command_writes_json_markdown_and_png(tmp_path, capsys):
             "num_keys=2",
             "windows=[1, 5]",
             "model.hidden=4",
-            "estimators={rtrl: {}, uoro: {}, ok2: {estimator: ok, rank: 2}}",
+            "estimators={rtrl: {}, uoro: {}, tb3: {estimator: tbptt, window: 3}}",
         ]
     )
     assert code == 0
     doc = json.loads((out / "compare.json").read_text())
-    assert list(doc["summary"]) == ["rtrl", "uoro", "ok2"]
+    assert list(doc["summary"]) == ["rtrl", "uoro", "tb3"]
     assert doc["summary"]["rtrl"]["cosine@5"] == pytest.approx(1.0, abs=1e-5)
     assert "| uoro |" in (out / "compare.md").read_text()
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
