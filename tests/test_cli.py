@@ -29,7 +29,8 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
 
 
 def test_shipped_configs_are_valid():
-    paths = sorted(CONFIGS.glob("*.yaml"))
+    # compare_*.yaml and bench_*.yaml have their own schemas (test_compare.py, test_benchmarks_learning.py)
+    paths = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("compare_", "bench_")))
     assert paths
     for path in paths:
         load_config(path)

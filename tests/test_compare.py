@@ -1,6 +1,7 @@
 """Gradient-quality tooling: exact RTRL aligns with itself, windows raise UORO/KF/OK alignment, outputs."""
 
 import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,8 @@ from rtrl_jax._src.compare import (
 )
 from rtrl_jax._src.config import ConfigError
 from rtrl_jax.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _setup(hidden=6, steps=120, learnable=False):
@@ -120,6 +123,13 @@ def test_compare_command_writes_json_markdown_and_png(tmp_path, capsys):
     assert "| uoro |" in (out / "compare.md").read_text()
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "compare.json" in capsys.readouterr().out
+
+
+def test_shipped_compare_configs_are_valid():
+    paths = sorted(CONFIGS.glob("compare_*.yaml"))
+    assert paths
+    for path in paths:
+        load_compare_config(path)
 
 
 def test_compare_config_errors_name_the_key():
