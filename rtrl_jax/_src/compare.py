@@ -162,26 +162,29 @@ def gradient_alignment(estimate: jax.Array, exact: jax.Array, window: int = 1) -
 def gradient_bias_variance(samples: jax.Array, exact: jax.Array) -> dict[str, jax.Array]:
     """Relative squared bias and variance of per-step gradients over keys.
 
+    Works on the errors ``e_k = g̃_k − g_k`` so that each key may have its own trajectory (parameters
+    trained by a stochastic estimator); with frozen parameters ``g_k = g`` for every key and these
+    are the bias and variance of ``g̃`` itself.
+
     Args:
       samples: ``(K, T, P)`` gradients of one estimator for ``K`` keys (``K ≥ 2``).
-      exact: ``(T, P)`` the exact gradients (or ``(K, T, P)``; the first key's is used: with
-        frozen parameters all keys share one trajectory).
+      exact: ``(K, T, P)`` the exact gradients of each key's trajectory, or ``(T, P)`` shared.
 
     Returns:
-      ``{"bias2": ..., "variance": ...}`` averaged over the steps with a non-zero exact gradient,
-      each relative to ``‖g_t‖²``; ``bias2`` has the ``tr Σ̂ / K`` noise share removed.
+      ``{"bias2": ‖ē‖² − tr Σ̂_e / K, "variance": E_k‖e_k − ē‖²}`` per step, each relative to the
+      mean ``‖g_t‖²`` and averaged over the steps where it is not zero.
     """
     num_keys = samples.shape[0]
     if num_keys < 2:
         raise ValueError(f"bias and variance need at least 2 keys, got {num_keys}.")
-    if exact.ndim == samples.ndim:
-        exact = exact[0]
-    ref2 = jnp.sum(exact**2, axis=-1)
+    exact = jnp.broadcast_to(exact, samples.shape)
+    errors = samples - exact
+    ref2 = jnp.mean(jnp.sum(exact**2, axis=-1), axis=0)
     valid = ref2 > _TINY
-    mean = samples.mean(axis=0)
-    trace_cov = jnp.sum(jnp.var(samples, axis=0, ddof=1), axis=-1)
-    variance = jnp.sum(jnp.mean((samples - mean) ** 2, axis=0), axis=-1)
-    bias2 = jnp.sum((mean - exact) ** 2, axis=-1) - trace_cov / num_keys
+    mean = errors.mean(axis=0)
+    trace_cov = jnp.sum(jnp.var(errors, axis=0, ddof=1), axis=-1)
+    variance = jnp.sum(jnp.mean((errors - mean) ** 2, axis=0), axis=-1)
+    bias2 = jnp.sum(mean**2, axis=-1) - trace_cov / num_keys
     scale = jnp.maximum(ref2, _TINY)
     return {"bias2": _masked_mean(bias2 / scale, valid), "variance": _masked_mean(variance / scale, valid)}
 
