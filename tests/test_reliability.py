@@ -197,7 +197,7 @@ def test_killed_subprocess_resumes_to_the_same_parameters(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["rtrl", "tbptt", "snap", "rflo", "uoro", "kf", "ok"])
+@pytest.mark.parametrize("estimator", ["rtrl", "tbptt", "snap", "rflo", "ok"])  # kf, uoro: above
 def test_every_estimator_resumes_bitwise(estimator, tmp_path):
     extra = ["model.cell=leaky"] if estimator == "rflo" else []
     config = load_config(None, [*SMALL, f"estimator={estimator}", "train.checkpoint_every=20", *extra])
