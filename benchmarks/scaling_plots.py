@@ -54,6 +54,26 @@ def time_vs_n(path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_variance(rows: dict, path: Path) -> None:
+    """Variance (estimators with noise only) and per-step cosine against n."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, by_n in rows.items():
+        ns = sorted(by_n, key=int)
+        if any(by_n[n]["variance"] > 0 for n in ns):
+            axes[0].plot([int(n) for n in ns], [by_n[n]["variance"] for n in ns], marker="o", label=name)
+        axes[1].plot([int(n) for n in ns], [by_n[n]["cosine@1"] for n in ns], marker="o", label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("relative variance E‖g̃ − ḡ‖² / ‖g‖²")
+    axes[1].set_ylabel("per-step cosine with exact RTRL")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("hidden units n (tanh RNN, add task, frozen)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def variance_vs_n(sizes, steps, keys, out_stem: Path) -> dict:
     jax.config.update("jax_enable_x64", True)
     task = add_task()
@@ -89,21 +109,7 @@ def variance_vs_n(sizes, steps, keys, out_stem: Path) -> dict:
         )
         for name, entry in result.summary.items():
             rows.setdefault(name, {})[n] = entry
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, by_n in rows.items():
-        ns = sorted(by_n)
-        axes[0].plot(ns, [max(by_n[n]["variance"], 1e-12) for n in ns], marker="o", label=name)
-        axes[1].plot(ns, [by_n[n]["cosine@1"] for n in ns], marker="o", label=name)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("relative variance E‖g̃ − ḡ‖² / ‖g‖²")
-    axes[1].set_ylabel("per-step cosine with exact RTRL")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("hidden units n (tanh RNN, add task, frozen)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_stem.with_suffix(".png"), dpi=100)
-    plt.close(fig)
+    plot_variance(rows, out_stem.with_suffix(".png"))
     lines = [
         "| estimator | " + " | ".join(f"n={n}: variance / bias2 / cosine" for n in sizes) + " |",
         "|---" * (len(sizes) + 1) + "|",
