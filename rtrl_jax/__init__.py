@@ -18,6 +18,9 @@ from rtrl_jax._src.compare import (
     gradient_trajectory,
 )
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
+from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
+from rtrl_jax._src.kronecker import KroneckerState
+from rtrl_jax._src.ok import OKState, ok, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step
 from rtrl_jax._src.registry import (
     EstimatorInfo,
@@ -62,6 +65,7 @@ from rtrl_jax._src.trainer import (
     softmax_cross_entropy,
     train_online,
 )
+from rtrl_jax._src.uoro import UOROState, uoro
 
 __version__ = "0.1.0"
 
@@ -74,8 +78,11 @@ __all__ = [
     "EstimatorInfo",
     "GradientTrajectory",
     "Head",
+    "KFRTRLState",
+    "KroneckerState",
     "LRUCell",
     "LeakyRNNCell",
+    "OKState",
     "OnlineTrainState",
     "RFLOState",
     "RTRLState",
@@ -89,6 +96,7 @@ __all__ = [
     "Stream",
     "TBPTTState",
     "Task",
+    "UOROState",
     "add_task",
     "batch_sharding",
     "bptt_value_and_grad",
@@ -109,10 +117,14 @@ __all__ = [
     "gradient_trajectory",
     "influence_matrix",
     "init_train_state",
+    "kf_merge",
+    "kf_rtrl",
     "linear_head",
     "make_estimator",
     "make_mesh",
     "make_train_step",
+    "ok",
+    "ok_reduce",
     "online_grad",
     "online_step",
     "per_device_bytes",
@@ -136,4 +148,5 @@ __all__ = [
     "train_online",
     "tree_size",
     "unroll",
+    "uoro",
 ]

@@ -6,11 +6,15 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from rtrl_jax._src import kronecker
 from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.kf_rtrl import kf_rtrl
+from rtrl_jax._src.ok import ok
 from rtrl_jax._src.rflo import rflo
 from rtrl_jax._src.rtrl import rtrl
 from rtrl_jax._src.snap import snap, snap_unsupported_reason
 from rtrl_jax._src.tbptt import tbptt
+from rtrl_jax._src.uoro import uoro
 
 
 class EstimatorInfo(NamedTuple):
@@ -85,9 +89,7 @@ def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
     allowed = estimator_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(
-            f"estimator {name!r} has no option(s) {unknown}; its options: {sorted(allowed)}."
-        )
+        raise ValueError(f"estimator {name!r} has no option(s) {unknown}; its options: {sorted(allowed)}.")
     reason = info.unsupported_reason(core)
     if reason is not None:
         able = [e.name for e in registered() if e.unsupported_reason(core) is None]
@@ -116,4 +118,17 @@ register(
     rflo,
     summary="RFLO / e-prop: SnAp-1-shaped trace with the dynamics replaced by a leak",
     unsupported_reason=snap_unsupported_reason,
+)
+register("uoro", uoro, summary="UORO: unbiased rank-one trace, one jvp + one vjp per step")
+register(
+    "kf",
+    kf_rtrl,
+    summary="KF-RTRL: one Kronecker factor pair per Dense kernel, random-sign merge",
+    unsupported_reason=kronecker.unsupported_reason,
+)
+register(
+    "ok",
+    ok,
+    summary="r-OK: r Kronecker terms per Dense kernel, optimal unbiased reduction",
+    unsupported_reason=kronecker.unsupported_reason,
 )

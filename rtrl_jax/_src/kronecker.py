@@ -1,0 +1,324 @@
+"""Kronecker-factored influence traces for any Flax linen cell built from Dense layers.
+
+Shared machinery of KF-RTRL (:mod:`rtrl_jax._src.kf_rtrl`) and r-OK (:mod:`rtrl_jax._src.ok`).
+
+Every ``flax.linen.Dense`` layer ``z = a W (+ b)`` applied once inside a cell step, with input
+``a ∈ R^in`` and kernel ``W ∈ R^{in×out}``, has the immediate influence
+
+    ∂h_t/∂W[i, j] = a_i · G_t[:, j],      G_t = ∂h_t/∂z ∈ R^{S×out},
+
+a single Kronecker product ``a ⊗ G``. With ``J_W`` the influence of ``W`` on the ``S`` carry
+units (a tensor ``S × in × out``), the exact recursion ``J_W ← D_t J_W + a_t ⊗ G_t`` keeps a
+Kronecker-sum form: if ``J_W = Σ_q u_q ⊗ A_q`` (``u_q ∈ R^in``, ``A_q ∈ R^{S×out}``, meaning
+``J_W[s, i, j] = Σ_q u_q[i] A_q[s, j]``) then
+
+    D_t J_W + a_t ⊗ G_t = Σ_q u_q ⊗ (D_t A_q) + a_t ⊗ G_t,
+
+``r + 1`` terms from ``r``. ``D_t A_q`` is the cell's tangent map in the carry applied to the
+``out`` columns of ``A_q`` (one JVP each). KF-RTRL (``r = 1``) and r-OK differ only in how they
+reduce the ``r + 1`` terms back to ``r`` unbiasedly; that reduction is their ``reduce`` function.
+
+The Dense layers are found with ``flax.linen.intercept_methods``: the interceptor records each
+Dense's input ``a`` and adds a zero perturbation to its output ``z``; one reverse pass per carry
+unit (``jax.vjp`` vmapped over the carry basis) then gives ``G`` for every kernel together with
+the exact immediate Jacobian of all remaining parameters. Those (biases, element-wise weights,
+kernels of layers applied more than once or to non-vector inputs, parameters of non-Dense layers)
+are tracked exactly as dense rows ``(P_other, S)``, as in exact RTRL but only for themselves.
+
+Memory per kernel is ``r (in + S·out)``, so ``O(r n²)`` for an ``n``-unit cell; a dense
+``S × P`` trace is never formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from rtrl_jax._src.base import Estimator
+
+ReduceFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class DenseKernel(NamedTuple):
+    """A Dense kernel tracked in Kronecker form.
+
+    Attributes:
+      path: the Dense module's path in the cell (its kernel is ``params[*path]["kernel"]``).
+      in_size: the kernel's input size (``u`` factors have this size).
+      out_size: the kernel's output size (``A`` factors are ``S × out_size``).
+    """
+
+    path: tuple[str, ...]
+    in_size: int
+    out_size: int
+
+
+class KroneckerLayout(NamedTuple):
+    """Which parameter leaves are Kronecker-factored kernels and which are tracked exactly.
+
+    Attributes:
+      kernels: the factored Dense kernels.
+      kernel_leaves: for each kernel, the index of its leaf in ``jax.tree.leaves(params)``.
+      other_leaves: indices of the leaves tracked exactly.
+    """
+
+    kernels: tuple[DenseKernel, ...]
+    kernel_leaves: tuple[int, ...]
+    other_leaves: tuple[int, ...]
+
+
+class KroneckerState(NamedTuple):
+    """Trace of a Kronecker-sum estimator (KF-RTRL is rank 1, r-OK rank r).
+
+    For kernel ``k``: ``J_k ≈ Σ_q u[k][q] ⊗ a[k][q]``.
+
+    Attributes:
+      u: per kernel, ``(r, in)`` input-side factors.
+      a: per kernel, ``(r, S, out)`` carry-side factors.
+      exact: ``(P_other, S)`` exact influence of the parameters that are not factored kernels
+        (in the order of ``ravel_pytree`` of those leaves).
+    """
+
+    u: tuple[jax.Array, ...]
+    a: tuple[jax.Array, ...]
+    exact: jax.Array
+
+
+def _is_linen_module(module: Any) -> bool:
+    try:
+        import flax.linen as nn
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, nn.Module)
+
+
+def _is_dense_call(context: Any) -> bool:
+    import flax.linen as nn
+
+    return isinstance(context.module, nn.Dense) and context.method_name == "__call__"
+
+
+def _key_name(key: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def _dense_calls(core: Any) -> dict[tuple[str, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Every Dense call of one step of the cell: path -> [(input shape, output shape), ...]."""
+    import flax.linen as nn
+
+    calls: dict[tuple[str, ...], list] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if _is_dense_call(context):
+            calls.setdefault(tuple(context.module.path), []).append(
+                (tuple(jnp.shape(args[0])), tuple(jnp.shape(out)))
+            )
+        return out
+
+    def run(params, carry, x):
+        with nn.intercept_methods(interceptor):
+            return core.apply(params, carry, x)
+
+    x = jax.ShapeDtypeStruct(tuple(core.input_shape), jnp.float32)
+    jax.eval_shape(run, core.params_spec, core.carry_spec, x)
+    return calls
+
+
+def kronecker_layout(core: Any) -> KroneckerLayout:
+    """Finds the Dense kernels of ``core``'s linen cell that can be factored.
+
+    A kernel is factored when its Dense layer is applied exactly once per step to a vector input;
+    every other parameter leaf is tracked exactly.
+    """
+    calls = _dense_calls(core)
+    paths_leaves = jax.tree_util.tree_flatten_with_path(core.params_spec)[0]
+    leaf_index = {
+        tuple(_key_name(k) for k in path): i for i, (path, _) in enumerate(paths_leaves)
+    }
+    kernels, kernel_leaves = [], []
+    for path, uses in calls.items():
+        index = leaf_index.get((*path, "kernel"))
+        if index is None or len(uses) != 1:
+            continue
+        (in_shape, out_shape) = uses[0]
+        kernel_shape = tuple(paths_leaves[index][1].shape)
+        if len(in_shape) != 1 or len(out_shape) != 1 or kernel_shape != (in_shape[0], out_shape[0]):
+            continue
+        kernels.append(DenseKernel(path, in_shape[0], out_shape[0]))
+        kernel_leaves.append(index)
+    other = tuple(i for i in range(len(paths_leaves)) if i not in set(kernel_leaves))
+    return KroneckerLayout(tuple(kernels), tuple(kernel_leaves), other)
+
+
+def unsupported_reason(core: Any) -> str | None:
+    """Why Kronecker-factored estimators cannot serve ``core``, or ``None`` when they can."""
+    module = getattr(core, "module", None)
+    if module is None or not _is_linen_module(module):
+        kind = "no module" if module is None else f"a {type(module).__module__} module"
+        return (
+            f"it needs a flax.linen cell whose Dense kernels it can factor (the core has {kind};"
+            " build it with rtrl_jax.from_linen)"
+        )
+    try:
+        layout = kronecker_layout(core)
+    except Exception as error:  # noqa: BLE001 - any failure to trace the cell is a reason
+        return f"its cell could not be traced for Dense layers ({type(error).__name__}: {error})"
+    if not layout.kernels:
+        return (
+            f"the cell {type(module).__name__} has no flax.linen.Dense layer applied once per step"
+            " to a vector input, so there is no Kronecker factor to track"
+        )
+    return None
+
+
+def check_supported(core: Any, estimator_name: str) -> None:
+    """Raises ``ValueError`` naming the core and the estimators that can serve it."""
+    reason = unsupported_reason(core)
+    if reason is None:
+        return
+    from rtrl_jax._src import registry  # local: the registry imports this module
+
+    able = [e.name for e in registry.registered() if e.unsupported_reason(core) is None]
+    core_name = getattr(core, "name", type(core).__name__)
+    raise ValueError(
+        f"{estimator_name} cannot serve core {core_name!r}: {reason}. "
+        f"Estimators that can: {', '.join(able)}."
+    )
+
+
+class _Linearized(NamedTuple):
+    carry: Any
+    out: Any
+    dynamics: Callable[[jax.Array], jax.Array]  # flat carry tangent -> flat carry tangent
+    inputs: tuple[jax.Array, ...]  # per kernel, the Dense input a_t
+    outer_grads: tuple[jax.Array, ...]  # per kernel, G_t = ∂h_t/∂z, (S, out)
+    immediate_other: jax.Array  # (S, P_other)
+
+
+class _Split(NamedTuple):
+    kernels: list
+    other_flat: jax.Array
+    rebuild: Callable[[list, jax.Array], Any]
+
+
+def _split(layout: KroneckerLayout, params: Any) -> _Split:
+    leaves, treedef = jax.tree.flatten(params)
+    kernels = [leaves[i] for i in layout.kernel_leaves]
+    other_flat, unravel_other = ravel_pytree([leaves[i] for i in layout.other_leaves])
+
+    def rebuild(kernel_leaves, flat_other):
+        new = list(leaves)
+        for i, leaf in zip(layout.kernel_leaves, kernel_leaves, strict=True):
+            new[i] = leaf
+        for i, leaf in zip(layout.other_leaves, unravel_other(flat_other), strict=True):
+            new[i] = leaf
+        return treedef.unflatten(new)
+
+    return _Split(kernels, other_flat, rebuild)
+
+
+def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: Any) -> _Linearized:
+    import flax.linen as nn
+
+    split = _split(layout, params)
+    flat_carry, unravel_carry = ravel_pytree(carry)
+    index = {kernel.path: k for k, kernel in enumerate(layout.kernels)}
+    dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
+
+    def apply(other_flat, perturbations, h):
+        captured = [None] * len(layout.kernels)
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if _is_dense_call(context) and tuple(context.module.path) in index:
+                k = index[tuple(context.module.path)]
+                captured[k] = args[0]
+                out = out + perturbations[k].astype(out.dtype)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            new_carry, out = core.apply(split.rebuild(split.kernels, other_flat), unravel_carry(h), x)
+        return ravel_pytree(new_carry)[0], (new_carry, out, tuple(captured))
+
+    zeros = tuple(jnp.zeros((kernel.out_size,), dtype) for kernel in layout.kernels)
+    new_flat, immediate_vjp, (new_carry, out, inputs) = jax.vjp(
+        lambda o, z: apply(o, z, flat_carry), split.other_flat, zeros, has_aux=True
+    )
+    basis = jnp.eye(new_flat.size, dtype=new_flat.dtype)
+    immediate_other, outer_grads = jax.vmap(immediate_vjp)(basis)
+    _, dynamics = jax.linearize(lambda h: apply(split.other_flat, zeros, h)[0], flat_carry)
+    return _Linearized(new_carry, out, dynamics, inputs, outer_grads, immediate_other)
+
+
+def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) -> Estimator:
+    """An estimator that keeps ``rank`` Kronecker terms per Dense kernel of ``core``'s cell.
+
+    Args:
+      core: a :class:`~rtrl_jax.Core` from :func:`~rtrl_jax.from_linen`.
+      rank: the number ``r`` of Kronecker terms kept per kernel.
+      reduce: ``(u (r+1, in), a (r+1, S, out), key) -> (u (r, in), a (r, S, out))``, an unbiased
+        reduction of ``r + 1`` terms (the ``r`` propagated ones, then the immediate one) to ``r``.
+      name: the estimator's name for error messages.
+
+    Returns:
+      An :class:`~rtrl_jax.Estimator` whose trace is a :class:`KroneckerState`; ``step`` needs
+      ``key=`` (a ``jax.random`` key).
+    """
+    check_supported(core, name)
+    layout = kronecker_layout(core)
+    num_kernels = len(layout.kernels)
+
+    def init(params, carry, *, key=None):
+        del key
+        flat_carry, _ = ravel_pytree(carry)
+        split = _split(layout, params)
+        dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
+        size = flat_carry.size
+        u = tuple(jnp.zeros((rank, k.in_size), dtype) for k in layout.kernels)
+        a = tuple(jnp.zeros((rank, size, k.out_size), dtype) for k in layout.kernels)
+        return KroneckerState(u, a, jnp.zeros((split.other_flat.size, size), dtype))
+
+    def step(trace, params, carry, x, *, key=None):
+        if key is None:
+            raise ValueError(f"{name}.step needs a random key: step(..., key=key).")
+        lin = _linearize(core, layout, params, carry, x)
+        size = trace.exact.shape[1]
+        # D_t applied to every stored carry-side column and every exact row, in one vmapped JVP.
+        columns = [jnp.moveaxis(a, 1, 2).reshape(-1, size) for a in trace.a]
+        tangents = jnp.concatenate([*columns, trace.exact], axis=0)
+        propagated = jax.vmap(lin.dynamics)(tangents)
+        keys = jax.random.split(key, max(num_kernels, 1))
+        new_u, new_a, offset = [], [], 0
+        for k, kernel in enumerate(layout.kernels):
+            count = rank * kernel.out_size
+            moved = propagated[offset : offset + count].reshape(rank, kernel.out_size, size)
+            offset += count
+            u_stack = jnp.concatenate([trace.u[k], lin.inputs[k][None].astype(trace.u[k].dtype)])
+            a_stack = jnp.concatenate(
+                [jnp.moveaxis(moved, 1, 2), lin.outer_grads[k][None].astype(trace.a[k].dtype)]
+            )
+            u_k, a_k = reduce(u_stack, a_stack, keys[k])
+            new_u.append(u_k)
+            new_a.append(a_k)
+        exact = propagated[offset:] + lin.immediate_other.T.astype(trace.exact.dtype)
+        return lin.carry, lin.out, KroneckerState(tuple(new_u), tuple(new_a), exact)
+
+    def grad(trace, params, carry_bar):
+        split = _split(layout, params)
+        c = ravel_pytree(carry_bar)[0].astype(trace.exact.dtype)
+        kernels = [
+            jnp.einsum("qi,qsj,s->ij", u, a, c).astype(w.dtype)
+            for u, a, w in zip(trace.u, trace.a, split.kernels, strict=True)
+        ]
+        other = (trace.exact @ c).astype(split.other_flat.dtype)
+        return split.rebuild(kernels, other)
+
+    return Estimator(init, step, grad)
