@@ -34,10 +34,25 @@ def final_influence(
 
 
 def sample_final_influences(
-    estimator: Estimator, params: Any, carry: Any, inputs: jax.Array, keys: jax.Array
+    estimator: Estimator,
+    params: Any,
+    carry: Any,
+    inputs: jax.Array,
+    keys: jax.Array,
+    *,
+    batch_size: int = 200,
 ) -> jax.Array:
-    """``(N, S, P)``: one :func:`final_influence` per key of ``keys`` (N,)."""
-    return jax.vmap(lambda k: final_influence(estimator, params, carry, inputs, k))(keys)
+    """``(N, S, P)``: one :func:`final_influence` per key of ``keys`` (N,).
+
+    The keys are vmapped in chunks of ``batch_size`` (``jax.lax.map``): on XLA:CPU (jaxlib 0.10.2)
+    one batch of about 1000 r-OK streams, whose batched QR/SVD/eigh calls are that wide, was seen to
+    hang.
+    """
+    return jax.lax.map(
+        lambda k: final_influence(estimator, params, carry, inputs, k),
+        keys,
+        batch_size=min(batch_size, keys.shape[0]),
+    )
 
 
 def mean_error_ratio(samples: jax.Array, exact: jax.Array) -> jax.Array:

@@ -140,9 +140,7 @@ def kronecker_layout(core: Any) -> KroneckerLayout:
     """
     calls = _dense_calls(core)
     paths_leaves = jax.tree_util.tree_flatten_with_path(core.params_spec)[0]
-    leaf_index = {
-        tuple(_key_name(k) for k in path): i for i, (path, _) in enumerate(paths_leaves)
-    }
+    leaf_index = {tuple(_key_name(k) for k in path): i for i, (path, _) in enumerate(paths_leaves)}
     kernels, kernel_leaves = [], []
     for path, uses in calls.items():
         index = leaf_index.get((*path, "kernel"))
@@ -189,8 +187,7 @@ def check_supported(core: Any, estimator_name: str) -> None:
     able = [e.name for e in registry.registered() if e.unsupported_reason(core) is None]
     core_name = getattr(core, "name", type(core).__name__)
     raise ValueError(
-        f"{estimator_name} cannot serve core {core_name!r}: {reason}. "
-        f"Estimators that can: {', '.join(able)}."
+        f"{estimator_name} cannot serve core {core_name!r}: {reason}. Estimators that can: {', '.join(able)}."
     )
 
 

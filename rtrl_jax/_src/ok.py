@@ -68,9 +68,7 @@ def _reduced_core(sigma: jax.Array, signs: jax.Array, rank: int) -> jax.Array:
     )
 
 
-def ok_reduce(
-    u: jax.Array, a: jax.Array, signs: jax.Array, rank: int
-) -> tuple[jax.Array, jax.Array]:
+def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """The optimal unbiased reduction of ``Σ_q u[q] ⊗ a[q]`` (``rank + 1`` terms) to ``rank`` terms.
 
     Args:

@@ -1,0 +1,273 @@
+"""KF-RTRL and r-OK: Dense capture, exactness, closed-form variances of one reduction, errors,
+and the variance ordering against exact RTRL.
+
+Closed forms (derived in the module docstrings). For two terms ``X1 = u ⊗ A'``, ``X2 = a ⊗ G``
+the KF merge with scales ``p1² = ‖A'‖/‖u‖``, ``p2² = ‖G‖/‖a‖`` errs by
+``c1 c2 (p1/p2 · u ⊗ G + p2/p1 · a ⊗ A')``, so
+
+    Var_KF = 2 ‖u‖ ‖A'‖ ‖a‖ ‖G‖ + 2 (u·a) ⟨A', G⟩.
+
+The OK reduction of a rank-(r+1) matrix with singular values σ keeps the first m and replaces the
+tail by ``(s/q)(I − w wᵀ)`` (s = tail sum, q = r − m), whose deviation from ``diag(σ_tail)`` has
+``E‖·‖² = (s/q)² q − Σ σ_tail² = s²/q − Σ_{i>m} σ_i²``.
+"""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rtrl_jax
+from rtrl_jax._src import estimator_stats
+from rtrl_jax._src.kronecker import kronecker_layout, unsupported_reason
+
+TOL = 1e-10
+
+
+class _VectorCell(nn.RNNCellBase):
+    """A cell with a zero carry of ``features`` units."""
+
+    features: int = 4
+
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros((*input_shape[:-1], self.features))
+
+    @property
+    def num_feature_axes(self):
+        return 1
+
+
+class DenseUserCell(_VectorCell):
+    """A user cell: two stacked Dense layers, a shared Dense applied twice, an element-wise weight."""
+
+    features: int = 4
+
+    @nn.compact
+    def __call__(self, carry, x):
+        gate = nn.sigmoid(nn.Dense(self.features, name="gate")(jnp.concatenate([carry, x])))
+        hidden = jnp.tanh(nn.Dense(self.features, name="inner")(x))
+        shared = nn.Dense(self.features, use_bias=False, name="shared")
+        mixed = nn.Dense(self.features, name="outer")(hidden) + shared(carry) + shared(0.5 * carry)
+        decay = self.param("decay", nn.initializers.constant(0.3), (self.features,))
+        new = gate * jnp.tanh(mixed) + decay * carry
+        return new, new
+
+
+class NoDenseCell(_VectorCell):
+    features: int = 3
+
+    @nn.compact
+    def __call__(self, carry, x):
+        w = self.param("w", nn.initializers.normal(), (self.features,))
+        new = jnp.tanh(w * carry + x.sum())
+        return new, new
+
+
+def _influences(core, estimators, steps, seed=0):
+    params, carry = core.init(jax.random.PRNGKey(seed), dtype=jnp.float64)
+    carry = jax.tree.map(
+        lambda c: 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 2), c.shape, c.dtype), carry
+    )
+    inputs = jax.random.normal(jax.random.PRNGKey(seed + 1), (steps, core.input_shape[0]), jnp.float64)
+
+    @jax.jit
+    def run(key):
+        return [estimator_stats.final_influence(est, params, carry, inputs, key) for est in estimators]
+
+    return run(jax.random.PRNGKey(11))
+
+
+CELLS = {
+    "simple": lambda: nn.SimpleCell(features=5),
+    "gru": lambda: nn.GRUCell(features=4),
+    "lstm": lambda: nn.LSTMCell(features=3),
+    "user": lambda: DenseUserCell(features=4),
+}
+
+
+def test_layout_finds_each_dense_kernel_once():
+    names = {
+        name: sorted(k.path[-1] for k in kronecker_layout(rtrl_jax.from_linen(make(), 3)).kernels)
+        for name, make in CELLS.items()
+    }
+    assert names["simple"] == ["h", "i"]
+    assert names["gru"] == ["hn", "hr", "hz", "in", "ir", "iz"]
+    assert names["lstm"] == ["hf", "hg", "hi", "ho", "if", "ig", "ii", "io"]
+    # "shared" is applied twice per step: not one Kronecker term, so it is tracked exactly.
+    assert names["user"] == ["gate", "inner", "outer"]
+
+
+@pytest.mark.parametrize("cell_name", sorted(CELLS))
+def test_ok_with_enough_rank_is_exact_rtrl_and_kf_is_exact_after_one_step(cell_name):
+    core = rtrl_jax.from_linen(CELLS[cell_name](), 3)
+    steps = 4
+    exact, ok_full = _influences(core, [rtrl_jax.rtrl(core), rtrl_jax.ok(core, rank=steps)], steps)
+    assert float(jnp.abs(exact).max()) > 0.1
+    np.testing.assert_allclose(ok_full, exact, rtol=0, atol=TOL)
+    one = _influences(core, [rtrl_jax.rtrl(core), rtrl_jax.kf_rtrl(core), rtrl_jax.ok(core)], 1)
+    np.testing.assert_allclose(one[1], one[0], rtol=0, atol=TOL)
+    np.testing.assert_allclose(one[2], one[0], rtol=0, atol=TOL)
+
+
+def test_grad_matches_influence_and_batches_with_vmap():
+    core = rtrl_jax.from_linen(nn.GRUCell(features=4), 3)
+    params, carry = core.init(jax.random.PRNGKey(0), dtype=jnp.float64)
+    est = rtrl_jax.ok(core, rank=2)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (5, 2, 3), jnp.float64)
+
+    @jax.jit
+    def run(xs, keys):
+        def stream(x, key):
+            trace = est.init(params, carry)
+            c = carry
+            for t in range(x.shape[0]):
+                c, _, trace = est.step(trace, params, c, x[t], key=jax.random.fold_in(key, t))
+            return c, trace
+
+        return jax.vmap(stream, in_axes=(1, 0))(xs, keys)
+
+    carries, traces = run(xs, jax.random.split(jax.random.PRNGKey(2), 2))
+    trace0 = jax.tree.map(lambda a: a[0], traces)
+    bar = jax.random.normal(jax.random.PRNGKey(3), (4,), jnp.float64)
+    grads = est.grad(trace0, params, bar)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    matrix = rtrl_jax.influence_matrix(est, trace0, params, carries[0])
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grads)[0], bar @ matrix, atol=1e-12)
+    assert traces.u[0].shape == (2, 2, 3) or traces.u[0].shape[:2] == (2, 2)
+
+
+# --- one reduction: unbiasedness and closed-form variance, by enumerating every sign pattern ---
+
+
+def _terms(key, k, in_size=4, size=3, out_size=5, spread=1.0):
+    ku, ka = jax.random.split(key)
+    u = jax.random.normal(ku, (k, in_size), jnp.float64)
+    a = jax.random.normal(ka, (k, size, out_size), jnp.float64)
+    scales = spread ** jnp.arange(k, dtype=jnp.float64)
+    return u * scales[:, None], a
+
+
+def _matrix(u, a):
+    return jnp.einsum("qi,qsj->sij", u, a)
+
+
+def _enumerate(reduce, u, a, k):
+    signs = jnp.array(list(itertools.product((-1.0, 1.0), repeat=k)), jnp.float64)
+    outs = jax.vmap(lambda s: _matrix(*reduce(u, a, s)))(signs)
+    target = _matrix(u, a)
+    return outs.mean(0), jnp.mean(jnp.sum((outs - target) ** 2, axis=(1, 2, 3))), target
+
+
+def _kf_variance(u, a):
+    nu, na = jnp.linalg.norm(u, axis=1), jnp.linalg.norm(a, axis=(1, 2))
+    return 2 * nu[0] * na[0] * nu[1] * na[1] + 2 * jnp.dot(u[0], u[1]) * jnp.sum(a[0] * a[1])
+
+
+def _ok_variance(u, a, rank):
+    c = _matrix(u, a)
+    sigma = np.linalg.svd(np.asarray(jnp.moveaxis(c, 1, 0).reshape(u.shape[1], -1)), compute_uv=False)
+    sigma = np.pad(sigma, (0, max(0, rank + 1 - sigma.size)))[: rank + 1]
+    for m in range(rank):
+        tail = sigma[m:]
+        if (rank - m) * sigma[m] <= tail.sum():
+            return tail.sum() ** 2 / (rank - m) - np.sum(tail**2), m
+    raise AssertionError("no feasible m")
+
+
+def test_kf_merge_unbiased_with_closed_form_variance():
+    for seed in range(20):
+        u, a = _terms(jax.random.PRNGKey(seed), 2, spread=[0.1, 1.0, 10.0][seed % 3])
+        mean, variance, target = _enumerate(rtrl_jax.kf_merge, u, a, 2)
+        np.testing.assert_allclose(mean, target, atol=1e-12)
+        np.testing.assert_allclose(variance, _kf_variance(u, a), rtol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 4])
+def test_ok_reduction_unbiased_with_closed_form_variance(rank):
+    used_m = set()
+    for seed in range(12):
+        spread = [1.0, 0.2, 0.05][seed % 3]
+        u, a = _terms(jax.random.PRNGKey(100 + seed), rank + 1, spread=spread)
+        if seed % 4 == 3:  # orthogonal terms of similar size: flat spectrum, the whole of it mixed
+            u = jnp.eye(rank + 1, 6) * (1.0 + 0.1 * jnp.arange(rank + 1.0))[:, None]
+            a = jnp.linalg.qr(a.reshape(rank + 1, -1).T)[0].T.reshape(a.shape)
+        mean, variance, target = _enumerate(lambda u, a, s: rtrl_jax.ok_reduce(u, a, s, rank), u, a, rank + 1)
+        expected, m = _ok_variance(u, a, rank)
+        used_m.add(m)
+        np.testing.assert_allclose(mean, target, atol=1e-11)
+        np.testing.assert_allclose(variance, expected, rtol=1e-9, atol=1e-12)
+    if rank > 1:
+        assert len(used_m) > 1, used_m  # both kept (m > 0) and fully mixed (m = 0) tails covered
+
+
+def test_ok_reduction_with_too_few_inputs_is_exact():
+    u, a = _terms(jax.random.PRNGKey(3), 4, in_size=2)  # rank of C ≤ 2 ≤ r = 3
+    out = rtrl_jax.ok_reduce(u, a, jnp.ones(4), 3)
+    assert out[0].shape == (3, 2) and out[1].shape == (3, 3, 5)
+    np.testing.assert_allclose(_matrix(*out), _matrix(u, a), atol=1e-12)
+
+
+def test_one_ok_variance_never_above_kf():
+    for seed in range(50):
+        u, a = _terms(jax.random.PRNGKey(200 + seed), 2, spread=[0.1, 1.0, 3.0][seed % 3])
+        if seed % 5 == 0:  # nearly aligned terms, where KF's cross term matters most
+            u = u.at[1].set(u[0] + 0.1 * u[1])
+        _, ok_var, _ = _enumerate(lambda u, a, s: rtrl_jax.ok_reduce(u, a, s, 1), u, a, 2)
+        _, kf_var, _ = _enumerate(rtrl_jax.kf_merge, u, a, 2)
+        assert ok_var <= kf_var * (1 + 1e-12) + 1e-14, (seed, ok_var, kf_var)
+
+
+# --- errors ---
+
+
+def test_clear_error_for_cells_without_dense_kernels():
+    core = rtrl_jax.from_linen(NoDenseCell(), 2)
+    assert "NoDenseCell" in unsupported_reason(core)
+    for name, make in [("kf", rtrl_jax.kf_rtrl), ("ok", rtrl_jax.ok)]:
+        with pytest.raises(ValueError, match=r"NoDenseCell.*Estimators that can: .*uoro"):
+            make(core)
+        with pytest.raises(ValueError, match=rf"estimator '{name}' cannot serve core 'NoDenseCell'"):
+            rtrl_jax.make_estimator(name, core)
+
+    def apply(params, carry, x):
+        return jnp.tanh(params @ carry + x), jnp.tanh(params @ carry + x)
+
+    plain = rtrl_jax.from_function(apply, params=jnp.eye(2), carry=jnp.zeros(2), input_shape=(2,))
+    with pytest.raises(ValueError, match=r"flax.linen cell.*Estimators that can: .*uoro"):
+        rtrl_jax.kf_rtrl(plain)
+    with pytest.raises(ValueError, match="rank"):
+        rtrl_jax.ok(rtrl_jax.from_linen(nn.GRUCell(features=2), 2), rank=0)
+    assert rtrl_jax.estimator_options("ok") == {"rank": 1}
+
+
+# --- variance against exact RTRL (small version of benchmarks/variance_vs_n.py) ---
+
+
+def test_variance_ordering_small():
+    core = rtrl_jax.from_linen(nn.SimpleCell(features=8), 4)
+    params, carry = core.init(jax.random.PRNGKey(0), dtype=jnp.float64)
+    inputs = jax.random.normal(jax.random.PRNGKey(1), (15, 4), jnp.float64)
+    exact = estimator_stats.final_influence(rtrl_jax.rtrl(core), params, carry, inputs, jax.random.PRNGKey(0))
+    keys = jax.random.split(jax.random.PRNGKey(5), 200)
+    estimators = {
+        "uoro": rtrl_jax.uoro(core),
+        "kf": rtrl_jax.kf_rtrl(core),
+        "ok1": rtrl_jax.ok(core, rank=1),
+        "ok2": rtrl_jax.ok(core, rank=2),
+        "ok4": rtrl_jax.ok(core, rank=4),
+    }
+    variance = {
+        name: float(
+            estimator_stats.relative_variance(
+                jax.jit(
+                    lambda k, est=est: estimator_stats.sample_final_influences(est, params, carry, inputs, k)
+                )(keys),
+                exact,
+            )
+        )
+        for name, est in estimators.items()
+    }
+    assert variance["uoro"] > variance["kf"] >= variance["ok1"] > variance["ok2"] > variance["ok4"], variance
