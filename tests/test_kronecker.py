@@ -23,6 +23,7 @@ import pytest
 import rtrl_jax
 from rtrl_jax._src import estimator_stats
 from rtrl_jax._src.kronecker import kronecker_layout, unsupported_reason
+from rtrl_jax._src.tasks import add_task_baselines
 
 TOL = 1e-10
 
@@ -271,3 +272,19 @@ def test_variance_ordering_small():
         for name, est in estimators.items()
     }
     assert variance["uoro"] > variance["kf"] >= variance["ok1"] > variance["ok2"] > variance["ok4"], variance
+
+
+# --- learning: the trainer learns the add task with KF and 2-OK on a GRU ---
+
+
+@pytest.mark.parametrize("name, options", [("kf", {}), ("ok", {"rank": 2})])
+def test_trainer_learns_add_task_with_kronecker_estimators(name, options):
+    from online_learning import add_task_loss
+
+    core = rtrl_jax.from_linen(nn.GRUCell(features=16), 2)
+    estimator = rtrl_jax.make_estimator(name, core, **options)
+    learned = add_task_loss(core, estimator)
+    readout = add_task_loss(core, estimator, readout_only=True)
+    no_memory = add_task_baselines()["no_memory"]
+    assert learned < readout - 0.03, (learned, readout)
+    assert learned < no_memory - 0.05, (learned, no_memory)
