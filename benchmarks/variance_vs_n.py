@@ -42,6 +42,8 @@ ESTIMATORS = {
     "4-OK": lambda core: rtrl_jax.ok(core, rank=4),
 }
 INPUT_SIZE = 4
+# Keys per vmapped chunk: wide batches of r-OK streams were seen to hang XLA:CPU (jaxlib 0.10.2).
+BATCH = 25
 
 
 def relative_variances(n: int, steps: int, num_keys: int, seed: int = 0) -> dict[str, float]:
@@ -57,10 +59,12 @@ def relative_variances(n: int, steps: int, num_keys: int, seed: int = 0) -> dict
         est = make(core)
         sample = jax.jit(
             lambda k, est=est: estimator_stats.relative_variance(
-                estimator_stats.sample_final_influences(est, params, carry, inputs, k), exact
+                estimator_stats.sample_final_influences(est, params, carry, inputs, k, batch_size=BATCH),
+                exact,
             )
         )
         result[name] = float(sample(keys))
+        print(f"  n={n} {name}: {result[name]:.4g}", flush=True)
     return result
 
 
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
+    # Synchronous CPU execution: with async dispatch a wide run was seen to wait forever on a result.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     start = time.time()
     rows = {}
     for n in args.sizes:
