@@ -42,6 +42,8 @@ import rtrl_jax as rj  # noqa: E402
 
 INPUT = 8
 CELLS = {"tanh": lambda n: nn.SimpleCell(n), "gru": lambda n: nn.GRUCell(n)}
+# Options for estimators that need one with these cells (RFLO's leak α = 1 - 1/τ, here τ = 10).
+OPTIONS = {"rflo": {"leak": 0.9}}
 DTYPE = jnp.float32
 
 
@@ -123,9 +125,9 @@ def _train_scan(core, estimator, params, steps, batch):
     return jax.jit(run, donate_argnums=(0,))
 
 
-def bench_estimator(name, cell_name, n, batch, steps, repeats):
+def bench_estimator(name, cell_name, n, batch, steps, repeats, **options):
     core, params, carry, carries = _problem(cell_name, n, batch)
-    estimator = rj.make_estimator(name, core)
+    estimator = rj.make_estimator(name, core, **{**OPTIONS.get(name, {}), **options})
     keys0 = jax.random.split(jax.random.PRNGKey(1), batch)
     init = jax.vmap(lambda c, k: estimator.init(params, c, key=k))
     traces = init(carries, keys0)
@@ -233,7 +235,7 @@ def fit_exponent(ns, times):
 def _buildable(name):
     core, _, _, _ = _problem("tanh", 8, 1)
     try:
-        rj.make_estimator(name, core)
+        rj.make_estimator(name, core, **OPTIONS.get(name, {}))
     except (ValueError, TypeError) as e:
         return str(e)
     return None
@@ -293,6 +295,18 @@ def main(argv=None):
             sel = [r for r in rows if r["estimator"] == name and r["cell"] == cell_name]
             exponents[f"{name}/{cell_name}"] = fit_exponent([r["n"] for r in sel], [r["step_s"] for r in sel])
 
+    memory_rows = []
+    if "rtrl" in names:
+        n = max(sizes_for("rtrl"))
+        for cell_name in CELLS:
+            for blocks in (1, 2, 4):
+                row = bench_estimator("rtrl", cell_name, n, 1, args.steps, args.repeats, row_blocks=blocks)
+                row["row_blocks"] = blocks
+                row["matmul_rate_same_shape"] = matmul_rate(row["params"], row["carry"], row["carry"])
+                row["fraction_of_same_shape_matmul"] = row["flop_rate"] / row["matmul_rate_same_shape"]
+                memory_rows.append(row)
+                print(json.dumps(row), flush=True)
+
     batch_rows = []
     if "rtrl" in names:
         for batch in args.batches:
@@ -333,6 +347,7 @@ def main(argv=None):
         "rows": rows,
         "bptt_step_s": bptt,
         "exponents": exponents,
+        "row_blocks": memory_rows,
         "batch": batch_rows,
         "numpy_peer": peers,
         "skipped": skipped,
@@ -370,6 +385,17 @@ def markdown(result):
     lines += ["", "| estimator/cell | fitted exponent of step time vs n |", "|---|---|"]
     for k, v in result["exponents"].items():
         lines.append(f"| {k} | {_fmt(v, '.2f')} |")
+    if result["row_blocks"]:
+        lines += [
+            "",
+            "| exact RTRL: cell | n | row_blocks | step ms | ×same-shape mm | peak/trace |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["row_blocks"]:
+            lines.append(
+                f"| {r['cell']} | {r['n']} | {r['row_blocks']} | {r['step_s'] * 1e3:.3f} "
+                f"| {r['fraction_of_same_shape_matmul']:.2f} | {_fmt(r['peak_over_trace'], '.2f')} |"
+            )
     if result["batch"]:
         lines += ["", "| exact RTRL, tanh n=64: batch | stream-steps/s | GFLOP/s |", "|---|---|---|"]
         for r in result["batch"]:

@@ -148,8 +148,11 @@ def test_float32_runs_in_float32():
     estimator = rj.rtrl(core)
     trace = estimator.init(params, carry)
     h, out, trace = jax.jit(estimator.step)(trace, params, carry, jnp.ones(INPUT, jnp.float32))
-    assert trace.influence.dtype == jnp.float32 and out.dtype == jnp.float32
-    assert trace.influence.shape == (core.num_params, core.carry_size)
+    blocks = jax.tree.leaves(trace.influence)
+    assert all(b.dtype == jnp.float32 for b in blocks) and out.dtype == jnp.float32
+    assert jax.tree.structure(trace.influence) == jax.tree.structure(params)
+    assert [b.shape for b in blocks] == [(p.size, core.carry_size) for p in jax.tree.leaves(params)]
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(estimator.grad(trace, params, h)))
 
 
 def test_jitted_step_does_not_recompile():
@@ -168,3 +171,18 @@ def test_jitted_step_does_not_recompile():
     new_params = jax.tree.map(lambda p: p + 1.0, params)
     step(trace, new_params, h, xs[3])
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("row_blocks", [2, 3, 1000])
+def test_row_blocks_update_in_place_gives_the_same_gradients(row_blocks):
+    core, params, carry, xs, weights = _problem("gru")
+    whole = _online_grads(core, rj.rtrl(core), params, carry, xs, weights)
+    chunked = _online_grads(core, rj.rtrl(core, row_blocks=row_blocks), params, carry, xs, weights)
+    assert relative_error(chunked, whole) <= 1e-13
+
+
+@pytest.mark.parametrize("row_blocks", [0, -1, 1.5, "2"])
+def test_row_blocks_must_be_a_positive_integer(row_blocks):
+    core, *_ = _problem("simple")
+    with pytest.raises(ValueError, match="row_blocks"):
+        rj.rtrl(core, row_blocks=row_blocks)

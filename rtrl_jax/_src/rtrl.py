@@ -1,7 +1,8 @@
 """Exact real-time recurrent learning (Williams & Zipser 1989) as forward-mode autodiff.
 
-The trace is the influence matrix ``J_t = dh_t/dθ`` held as ``P`` stacked tangents of the flat carry
-(an array of shape ``(P, S)``: row ``j`` is ``dh_t/dθ_j``). One step is
+The trace is the influence matrix ``J_t = dh_t/dθ`` held as stacked tangents of the flat carry, one
+block per parameter leaf: a pytree with the structure of the parameters whose leaf for a parameter
+array ``θ_l`` has shape ``(θ_l.size, S)`` (row ``j`` is ``dh_t/d(θ_l)_j``). One step is
 
     J_t = I_t + D_t J_{t-1},
 
@@ -9,22 +10,28 @@ computed as
 
 - the dynamics ``D_t = ∂F/∂h`` (``S × S``) materialised by ``jax.vmap`` of the cell's linearisation
   in the carry over the ``S`` basis tangents (``S`` cheap JVPs);
-- the propagation as ONE matrix product ``J_{t-1} D_tᵀ`` (``(P × S)·(S × S)``, ``2 P S²`` flops), so
-  the step runs at the machine's matmul rate whatever the cell (a GRU's linearisation has several
-  matmuls and gates; pushing all ``P`` tangents through it would cost several times more);
+- the propagation as one matrix product per parameter leaf, ``J_{t-1} D_tᵀ``
+  (``(P_l × S)·(S × S)``; ``2 P S²`` flops in all), so the step runs at the machine's matmul rate
+  whatever the cell (a GRU's linearisation has several matmuls and gates; pushing all ``P`` tangents
+  through it would cost several times more);
 - the immediate Jacobian ``I_t = ∂F/∂θ`` by reverse mode over the ``S`` carry cotangents
-  (``jax.vjp`` vmapped over the carry basis), built per parameter leaf directly in the ``(P, S)``
-  layout so that XLA fuses it into the addition (no transposed copy of the trace).
+  (``jax.vjp`` vmapped over the carry basis), one ``(P_l, S)`` block per leaf that XLA fuses into the
+  addition.
+
+Keeping one block per leaf (rather than one ``(P, S)`` matrix) matters for speed: the concatenation
+of the leaves' immediate Jacobians into one matrix is an extra pass over ``P × S`` numbers that
+XLA:CPU does not fuse into the addition (it cost a GRU with ``n = 128`` a third of its step).
 
 No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve independently given
-``D_t``, which is what :mod:`rtrl_jax._src.sharding` uses to shard the trace along ``P``.
+``D_t``, which is what :mod:`rtrl_jax._src.sharding` uses to shard each block along its rows.
 
-With ``row_blocks=k > 1`` the update is applied to ``k`` row blocks of the trace in place, so the
-peak memory of a step (with the trace donated) is about ``(1 + 1/k)`` traces instead of two, at some
-cost in speed. Leave ``row_blocks=1`` when the trace is sharded along ``P``.
+With ``row_blocks=k > 1`` every block with more than ``P / k`` rows is updated in place in chunks of
+at most ``P / k`` rows, so the peak memory of a step (with the trace donated) is about
+``(1 + 1/k)`` traces instead of two, at some cost in speed. Leave ``row_blocks=1`` when the trace is
+sharded along its rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
-BPTT of ``Σ_t L_t``.
+BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
 
 Cost per step for a dense RNN with ``n`` units and ``P ≈ n²`` parameters: ``O(n² P) = O(n⁴)`` time
 and ``O(n P) = O(n³)`` memory.
@@ -35,7 +42,7 @@ recurrent neural networks", Neural Computation 1(2), 1989.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +55,15 @@ class RTRLState(NamedTuple):
     """Trace of exact RTRL.
 
     Attributes:
-      influence: ``(P, S)`` array, ``influence[j] = d carry / d θ_j`` for the flat carry and params.
+      influence: a pytree with the structure of the parameters; the leaf for a parameter array
+        ``θ_l`` is ``(θ_l.size, S)``, row ``j`` being ``d carry / d (θ_l)_j`` for the flat carry.
     """
 
-    influence: jax.Array
+    influence: Any
 
 
 def dynamics_and_immediate(core: CoreFn, params, carry, x):
-    """One step of ``core`` with its Jacobians, as dense matrices for the flat carry and params.
+    """One step of ``core`` with its Jacobians, as dense matrices for the flat carry.
 
     Args:
       core: ``(params, carry, x) -> (carry, out)``.
@@ -65,8 +73,8 @@ def dynamics_and_immediate(core: CoreFn, params, carry, x):
 
     Returns:
       ``(new_carry, out, dynamics, immediate_t)`` with ``dynamics = ∂h_t/∂h_{t-1}`` of shape
-      ``(S, S)`` and ``immediate_t = (∂h_t/∂θ)ᵀ`` of shape ``(P, S)`` (row ``j`` is ``∂h_t/∂θ_j``),
-      in the order of ``ravel_pytree(params)``.
+      ``(S, S)`` and ``immediate_t = (∂h_t/∂θ)ᵀ`` as a pytree with the structure of ``params``,
+      the leaf for ``θ_l`` of shape ``(θ_l.size, S)`` (row ``j`` is ``∂h_t/∂(θ_l)_j``).
     """
     flat_carry, unravel_carry = ravel_pytree(carry)
     size = flat_carry.size
@@ -80,12 +88,22 @@ def dynamics_and_immediate(core: CoreFn, params, carry, x):
     dynamics, _ = jax.vmap(dynamics_jvp, out_axes=1)(basis.astype(flat_carry.dtype))
 
     _, immediate_vjp = jax.vjp(lambda p: ravel_pytree(core(p, carry, x)[0])[0], params)
-    # out_axes=-1 puts the carry index last in every leaf, so the stacked (P, S) matrix is a
-    # concatenation of contiguous row blocks that XLA fuses into its consumer.
+    # out_axes=-1 puts the carry index last in every leaf: each leaf reshapes to its (P_l, S) block.
     (leaves,) = jax.vmap(immediate_vjp, out_axes=-1)(basis)
-    blocks = [jnp.reshape(leaf, (-1, size)) for leaf in jax.tree.leaves(leaves)]
-    immediate_t = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
+    immediate_t = jax.tree.map(lambda leaf: jnp.reshape(leaf, (-1, size)), leaves)
     return unravel_carry(new_flat_carry), out, dynamics, immediate_t
+
+
+def _propagate(block, dynamics_t, immediate, max_rows):
+    """``block Dᵀ + immediate`` for one leaf's block, in place by chunks of at most ``max_rows``."""
+    rows = block.shape[0]
+    chunks = max(1, -(-rows // max_rows))
+    if chunks == 1:
+        return block @ dynamics_t + immediate
+    bounds = [rows * i // chunks for i in range(chunks + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        block = block.at[lo:hi].set(block[lo:hi] @ dynamics_t + immediate[lo:hi])
+    return block
 
 
 def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
@@ -93,8 +111,9 @@ def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
 
     Args:
       core: a recurrent core ``(params, carry, x) -> (carry, out)`` for one stream.
-      row_blocks: update the ``(P, S)`` trace in this many row blocks, in place; ``1`` (default) is
-        fastest, larger values lower the peak memory of a step towards one trace.
+      row_blocks: ``k``: update every block of the trace with more than ``P / k`` rows in place, in
+        chunks of at most ``P / k`` rows; ``1`` (default) is fastest, larger values lower the peak
+        memory of a step towards one trace.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is :class:`RTRLState`.
@@ -110,30 +129,32 @@ def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
 
     def init(params, carry, *, key=None):
         del key
-        flat_params, _ = ravel_pytree(params)
         flat_carry, _ = ravel_pytree(carry)
-        dtype = jnp.result_type(flat_params, flat_carry)
-        return RTRLState(jnp.zeros((flat_params.size, flat_carry.size), dtype))
+        dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
+        return RTRLState(jax.tree.map(lambda p: jnp.zeros((jnp.size(p), flat_carry.size), dtype), params))
 
     def step(trace, params, carry, x, *, key=None):
         del key
         new_carry, out, dynamics, immediate_t = dynamics_and_immediate(core, params, carry, x)
-        influence = trace.influence
-        dynamics_t = dynamics.T.astype(influence.dtype)
-        immediate_t = immediate_t.astype(influence.dtype)
-        rows = influence.shape[0]
-        blocks = min(row_blocks, max(rows, 1))
-        if blocks == 1:
-            return new_carry, out, RTRLState(influence @ dynamics_t + immediate_t)
-        bounds = [rows * i // blocks for i in range(blocks + 1)]
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            block = influence[lo:hi] @ dynamics_t + immediate_t[lo:hi]
-            influence = influence.at[lo:hi].set(block)
+        blocks = jax.tree.leaves(trace.influence)
+        dtype = blocks[0].dtype if blocks else dynamics.dtype
+        dynamics_t = dynamics.T.astype(dtype)
+        max_rows = -(-sum(b.shape[0] for b in blocks) // row_blocks)
+        influence = jax.tree.map(
+            lambda block, imm: _propagate(block, dynamics_t, imm.astype(dtype), max_rows),
+            trace.influence,
+            immediate_t,
+        )
         return new_carry, out, RTRLState(influence)
 
     def grad(trace, params, carry_bar):
-        _, unravel_params = ravel_pytree(params)
         flat_carry_bar, _ = ravel_pytree(carry_bar)
-        return unravel_params(trace.influence @ flat_carry_bar.astype(trace.influence.dtype))
+        return jax.tree.map(
+            lambda block, p: jnp.reshape(block @ flat_carry_bar.astype(block.dtype), jnp.shape(p)).astype(
+                jnp.result_type(p)
+            ),
+            trace.influence,
+            params,
+        )
 
     return Estimator(init, step, grad)

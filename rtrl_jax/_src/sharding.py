@@ -1,6 +1,7 @@
 """Scaling past one device with JAX's own SPMD machinery (``Mesh`` + ``NamedSharding``).
 
-Exact RTRL's trace is the ``(P, S)`` influence matrix, one row per parameter. Given the dynamics
+Exact RTRL's trace is the influence matrix, one ``(P_l, S)`` block of rows per parameter leaf, one
+row per parameter. Given the dynamics
 ``D_t`` (``S × S``, cheap, computed redundantly on every device) the rows evolve independently,
 ``J_t[j] = J_{t-1}[j] D_tᵀ + I_t[j]``, so sharding the trace along ``P`` needs no communication for
 the propagation: each device holds ``P / k`` rows, multiplies them by ``D_tᵀ`` and adds its rows of
@@ -102,7 +103,7 @@ def batch_sharding(mesh: Mesh, tree: Any, *, batched: bool = True) -> Any:
 def trace_sharding(mesh: Mesh, trace: Trace, *, batched: bool = False) -> Any:
     """Shardings for an estimator's trace.
 
-    RTRL's influence matrix is sharded along its parameter rows (``"params"``); every other trace
+    RTRL's influence blocks are sharded along their parameter rows (``"params"``); every other trace
     leaf only along the batch axis. With ``batched`` the leading axis of every leaf is the stream
     axis and goes along ``"data"``. Dimensions that a mesh axis does not divide are replicated.
 
@@ -116,7 +117,8 @@ def trace_sharding(mesh: Mesh, trace: Trace, *, batched: bool = False) -> Any:
     """
     lead = (DATA_AXIS,) if batched else ()
     if isinstance(trace, RTRLState):
-        return RTRLState(_spec(mesh, np.shape(trace.influence), (*lead, PARAM_AXIS, None)))
+        axes = (*lead, PARAM_AXIS, None)
+        return RTRLState(jax.tree.map(lambda block: _spec(mesh, np.shape(block), axes), trace.influence))
     return batch_sharding(mesh, trace, batched=batched)
 
 

@@ -68,7 +68,9 @@ class SnapState(NamedTuple):
 
     Attributes:
       values: ``(E,)`` the kept entries of ``J_t``, column-major (by parameter, then by carry
-        entry) as listed by :func:`snap_layout`.
+        entry) as listed by :func:`snap_layout`; when every parameter keeps exactly one entry
+        (SnAp-1 and RFLO of cells whose parameters each move one carry entry: vanilla, leaky and
+        gated RNNs), a pytree shaped like the parameters holding ``J[row(θ), θ]``.
     """
 
     values: jax.Array
@@ -475,6 +477,8 @@ def snap_layout(
 
 def _sparse_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> Estimator:
     """The estimator over a compressed trace: SnAp when ``leak is None``, else RFLO's leak."""
+    if _one_entry_per_parameter(layout, leak):
+        return _per_parameter_trace_estimator(core, layout, leak)
     rows = layout.rows
     num_entries = rows.size
 
@@ -515,6 +519,88 @@ def _sparse_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> Estimat
             weighted, layout.cols, num_segments=layout.num_params, indices_are_sorted=True
         )
         return unravel_params(flat.astype(flat_params.dtype))
+
+    return Estimator(init, step, grad)
+
+
+def _one_entry_per_parameter(layout: SnapLayout, leak: Any) -> bool:
+    """Whether every parameter keeps exactly one entry, in ``I``'s pattern, and the propagation
+    (for SnAp) reads only ``D[i, i]`` at that entry's own row ``i``."""
+    num = layout.num_params
+    if layout.rows.size != num or not np.array_equal(layout.cols, np.arange(num)):
+        return False
+    if not layout.immediate.all():
+        return False
+    if leak is not None:
+        return True
+    every = np.arange(num)
+    return (
+        np.array_equal(layout.pair_out, every)
+        and np.array_equal(layout.pair_in, every)
+        and np.array_equal(layout.d_rows[layout.pair_d], layout.rows)
+        and np.array_equal(layout.d_cols[layout.pair_d], layout.rows)
+    )
+
+
+def _rows_per_leaf(rows: np.ndarray, params: Any) -> Any:
+    """The static carry row of every parameter, as a pytree of integer arrays shaped like ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    offsets = np.cumsum([0] + [int(np.size(leaf)) for leaf in leaves])
+    bounds = zip(leaves, offsets[:-1], offsets[1:], strict=True)
+    return treedef.unflatten([rows[lo:hi].reshape(np.shape(leaf)) for leaf, lo, hi in bounds])
+
+
+def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> Estimator:
+    """SnAp / RFLO when every parameter keeps one entry, ``J[row(θ), θ]``: the trace is a pytree
+    shaped like the parameters and one step is
+
+        e_θ ← I[row(θ), θ] + d_row(θ) e_θ,      d = diag(D_t) (SnAp) or the leak (RFLO),
+
+    with ``I``'s entries from one ``vjp`` of the all-ones cotangent (no two carry entries share a
+    parameter) and the gradient ``c[row(θ)] e_θ``. Nothing is flattened or scattered: XLA:CPU spends
+    a pass over ``P`` numbers on every concatenation or scatter, several times a cell's own cost.
+    """
+    rows = layout.rows
+    d_colour = jnp.asarray(layout.d_colour)
+
+    def init(params, carry, *, key=None):
+        del key
+        flat_carry, _ = ravel_pytree(carry)
+        dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
+        return SnapState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params))
+
+    def step(trace, params, carry, x, *, key=None):
+        del key
+        flat_carry, unravel_carry = ravel_pytree(carry)
+
+        def flat_step(p, h):
+            new_carry, out = core(p, unravel_carry(h), x)
+            return ravel_pytree(new_carry)[0], out
+
+        new_flat, immediate_vjp, out = jax.vjp(lambda p: flat_step(p, flat_carry), params, has_aux=True)
+        (immediate,) = immediate_vjp(jnp.ones_like(new_flat))
+        row_of = _rows_per_leaf(rows, params)
+        if leak is not None:
+            decay = jnp.asarray(leak, new_flat.dtype)
+            decay_of = jax.tree.map(lambda r: decay[r] if decay.ndim else decay, row_of)
+        elif layout.pair_out.size:
+            _, jvp_fn = jax.linearize(lambda h: flat_step(params, h)[0], flat_carry)
+            compressed = jax.vmap(jvp_fn)(_indicators(layout.d_colour, flat_carry.dtype))  # (C, S)
+            diagonal = compressed[d_colour, jnp.arange(flat_carry.size)]
+            decay_of = jax.tree.map(lambda r: diagonal[r], row_of)
+        else:
+            decay_of = jax.tree.map(lambda r: jnp.zeros((), new_flat.dtype), row_of)
+        values = jax.tree.map(lambda e, i, d: (i + d * e).astype(e.dtype), trace.values, immediate, decay_of)
+        return unravel_carry(new_flat), out, SnapState(values)
+
+    def grad(trace, params, carry_bar):
+        flat_bar, _ = ravel_pytree(carry_bar)
+        return jax.tree.map(
+            lambda e, r, p: (flat_bar.astype(e.dtype)[r] * e).astype(jnp.result_type(p)),
+            trace.values,
+            _rows_per_leaf(rows, params),
+            params,
+        )
 
     return Estimator(init, step, grad)
 

@@ -13,7 +13,9 @@ odd in ``ν`` (``ρ1`` is even in ``ν``), so the estimate is unbiased. The scal
 minimise the variance of the cross terms (ε keeps them finite; the factors start at zero). The
 gradient of a step loss with carry cotangent ``c_t`` is ``(c_t · s̃) θ̃``.
 
-Cost per step: one JVP and one VJP of the cell, ``O(P)`` time and memory.
+Cost per step: one JVP and one VJP of the cell, ``O(P)`` time and memory. ``θ̃`` is kept with the
+structure of the parameters (one array per leaf): flattening it into one vector would cost XLA:CPU a
+concatenation pass over ``P`` numbers per step, several times the cost of the cell itself.
 
 Reference: C. Tallec and Y. Ollivier, "Unbiased Online Recurrent Optimization", ICLR 2018,
 arXiv:1702.05043.
@@ -21,13 +23,13 @@ arXiv:1702.05043.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rtrl_jax._src.base import CoreFn, Estimator, flatten_core
+from rtrl_jax._src.base import CoreFn, Estimator
 
 
 class UOROState(NamedTuple):
@@ -35,11 +37,16 @@ class UOROState(NamedTuple):
 
     Attributes:
       carry_factor: ``(S,)`` the factor ``s̃`` on the flat carry.
-      params_factor: ``(P,)`` the factor ``θ̃`` on the flat parameters.
+      params_factor: the factor ``θ̃``, a pytree with the structure of the parameters.
     """
 
     carry_factor: jax.Array
-    params_factor: jax.Array
+    params_factor: Any
+
+
+def _norm(tree):
+    """The Euclidean norm of a pytree of arrays, as one vector."""
+    return jnp.sqrt(sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree)))
 
 
 def uoro(core: CoreFn, *, epsilon: float = 1e-7) -> Estimator:
@@ -62,41 +69,41 @@ def uoro(core: CoreFn, *, epsilon: float = 1e-7) -> Estimator:
 
     def init(params, carry, *, key=None):
         del key
-        flat_params, _ = ravel_pytree(params)
         flat_carry, _ = ravel_pytree(carry)
-        dtype = jnp.result_type(flat_params, flat_carry)
-        return UOROState(jnp.zeros(flat_carry.shape, dtype), jnp.zeros(flat_params.shape, dtype))
+        dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
+        return UOROState(
+            jnp.zeros(flat_carry.shape, dtype), jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+        )
 
     def step(trace, params, carry, x, *, key=None):
         if key is None:
             raise ValueError("UORO.step needs a random key: step(..., key=key).")
-        flat = flatten_core(core, params, carry)
-        flat_params, _ = ravel_pytree(params)
-        flat_carry, _ = ravel_pytree(carry)
+        flat_carry, unravel_carry = ravel_pytree(carry)
+
+        def in_carry(h):
+            new_carry, out = core(params, unravel_carry(h), x)
+            return ravel_pytree(new_carry)[0], out
+
         dtype = trace.carry_factor.dtype
         (new_flat_carry, out), (tangent, _) = jax.jvp(
-            lambda h: flat.apply(flat_params, h, x),
-            (flat_carry,),
-            (trace.carry_factor.astype(flat_carry.dtype),),
+            in_carry, (flat_carry,), (trace.carry_factor.astype(flat_carry.dtype),)
         )
-        _, immediate_vjp = jax.vjp(lambda p: flat.apply(p, flat_carry, x)[0], flat_params)
+        _, immediate_vjp = jax.vjp(lambda p: ravel_pytree(core(p, carry, x)[0])[0], params)
         nu = jax.random.rademacher(key, new_flat_carry.shape, dtype=new_flat_carry.dtype)
         (nu_bar,) = immediate_vjp(nu)
-        tangent, nu, nu_bar = tangent.astype(dtype), nu.astype(dtype), nu_bar.astype(dtype)
-        rho0 = jnp.sqrt(
-            (jnp.linalg.norm(trace.params_factor) + epsilon) / (jnp.linalg.norm(tangent) + epsilon)
-        )
-        rho1 = jnp.sqrt((jnp.linalg.norm(nu_bar) + epsilon) / (jnp.linalg.norm(nu) + epsilon))
+        tangent, nu = tangent.astype(dtype), nu.astype(dtype)
+        nu_bar = jax.tree.map(lambda a: a.astype(dtype), nu_bar)
+        rho0 = jnp.sqrt((_norm(trace.params_factor) + epsilon) / (jnp.linalg.norm(tangent) + epsilon))
+        rho1 = jnp.sqrt((_norm(nu_bar) + epsilon) / (jnp.linalg.norm(nu) + epsilon))
         new_trace = UOROState(
             carry_factor=rho0 * tangent + rho1 * nu,
-            params_factor=trace.params_factor / rho0 + nu_bar / rho1,
+            params_factor=jax.tree.map(lambda f, b: f / rho0 + b / rho1, trace.params_factor, nu_bar),
         )
-        return flat.unravel_carry(new_flat_carry), out, new_trace
+        return unravel_carry(new_flat_carry), out, new_trace
 
     def grad(trace, params, carry_bar):
-        _, unravel_params = ravel_pytree(params)
         flat_carry_bar, _ = ravel_pytree(carry_bar)
         scale = jnp.dot(trace.carry_factor, flat_carry_bar.astype(trace.carry_factor.dtype))
-        return unravel_params(scale * trace.params_factor)
+        return jax.tree.map(lambda f, p: (scale * f).astype(jnp.result_type(p)), trace.params_factor, params)
 
     return Estimator(init, step, grad)
