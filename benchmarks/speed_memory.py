@@ -1,15 +1,18 @@
 """Speed and memory of every registered estimator, as ratios measured in one run.
 
-For each estimator of ``rtrl_jax.registered()`` (those that build with default options), each cell
+For each estimator of ``rtrl_jax.registered()`` (with default options; RFLO with ``leak=0.9``), each cell
 (tanh RNN = ``nn.SimpleCell``, ``nn.GRUCell``) and each hidden size ``n``, a jitted ``lax.scan`` of
 ``T`` full online training steps (``estimator.step`` then ``estimator.grad`` of a cotangent) is
-compiled and timed. Recorded per row: per-step time, compile time, FLOPs per step (exact RTRL: the
-``2 P S²`` of the ``D·J`` product; others: XLA's cost analysis of one step), the fraction of the
+compiled and timed (``T = --steps`` for exact RTRL, KF and OK; ``T = --fast-steps`` for the ``O(P)``
+estimators and for BPTT, whose steps are so short that a call's fixed cost would dominate ten).
+Recorded per row: per-step time, compile time, FLOPs per step (exact RTRL: the ``2 P S²`` of the
+``D·J`` product; others: XLA's cost analysis of one step), the fraction of the
 matmul rate measured in the same run (on the product ``(P × S)·(S × S)`` of the same shape, and on a
 square 1024 matmul), peak memory from ``compiled.memory_analysis()`` against the trace size, whether
 any ``P × P`` array appears in the compiled HLO, and the ratio to one BPTT step (forward + backward
 of the same cell). Then: fitted exponent of time against ``n``, batch throughput, and exact RTRL
-against a plain NumPy implementation of the textbook recursion (explicit Kronecker product).
+against a plain NumPy implementation of the textbook recursion (explicit Kronecker product), and
+exact RTRL's ``row_blocks`` trade of speed for peak memory at the largest ``n``.
 
 Usage::
 
@@ -44,6 +47,8 @@ INPUT = 8
 CELLS = {"tanh": lambda n: nn.SimpleCell(n), "gru": lambda n: nn.GRUCell(n)}
 # Options for estimators that need one with these cells (RFLO's leak α = 1 - 1/τ, here τ = 10).
 OPTIONS = {"rflo": {"leak": 0.9}}
+# O(P)-per-step estimators, timed over --fast-steps steps.
+FAST = ("uoro", "snap", "rflo", "tbptt")
 DTYPE = jnp.float32
 
 
@@ -247,7 +252,13 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="*", type=int, default=None, help="hidden sizes n")
     parser.add_argument("--large", action="store_true", help="add n = 256 (RTRL) and 512 (others)")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 4, 16])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="scan length for exact RTRL, KF and OK")
+    parser.add_argument(
+        "--fast-steps",
+        type=int,
+        default=100,
+        help="scan length for the O(P) estimators and BPTT (a call's fixed cost is spread over it)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="benchmarks/results/speed_memory.json")
     parser.add_argument("--markdown", default="benchmarks/results/speed_memory.md")
@@ -274,7 +285,8 @@ def main(argv=None):
     for name in names:
         for cell_name in CELLS:
             for n in sizes_for(name):
-                row = bench_estimator(name, cell_name, n, 1, args.steps, args.repeats)
+                steps = args.fast_steps if name in FAST else args.steps
+                row = bench_estimator(name, cell_name, n, 1, steps, args.repeats)
                 if name == "rtrl":
                     row["matmul_rate_same_shape"] = matmul_rate(row["params"], row["carry"], row["carry"])
                     row["fraction_of_same_shape_matmul"] = row["flop_rate"] / row["matmul_rate_same_shape"]
@@ -285,7 +297,7 @@ def main(argv=None):
     bptt = {}
     for cell_name in CELLS:
         for n in sorted({r["n"] for r in rows}):
-            bptt[f"{cell_name}/{n}"] = bptt_step_time(cell_name, n, max(args.steps, 20), args.repeats)
+            bptt[f"{cell_name}/{n}"] = bptt_step_time(cell_name, n, args.fast_steps, args.repeats)
     for row in rows:
         row["over_bptt_step"] = row["step_s"] / bptt[f"{row['cell']}/{row['n']}"]
 
@@ -299,7 +311,7 @@ def main(argv=None):
     if "rtrl" in names:
         n = max(sizes_for("rtrl"))
         for cell_name in CELLS:
-            for blocks in (1, 2, 4):
+            for blocks in (1, 2, 4, 8):
                 row = bench_estimator("rtrl", cell_name, n, 1, args.steps, args.repeats, row_blocks=blocks)
                 row["row_blocks"] = blocks
                 row["matmul_rate_same_shape"] = matmul_rate(row["params"], row["carry"], row["carry"])
@@ -343,6 +355,7 @@ def main(argv=None):
         "command": " ".join(["python", "benchmarks/speed_memory.py", *(argv or sys.argv[1:])]),
         "dtype": "float32",
         "steps": args.steps,
+        "fast_steps": args.fast_steps,
         "square_matmul": {"size": square, "flop_rate": square_rate},
         "rows": rows,
         "bptt_step_s": bptt,

@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-# XLA:CPU's multi-threaded Eigen pool was seen to wedge (threads parked, result never ready) on
-# these wide vmapped graphs; single-threaded Eigen avoids it (set before jax is imported).
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import rtrl_jax  # noqa: E402
-from rtrl_jax._src import estimator_stats  # noqa: E402
+import rtrl_jax
+from rtrl_jax._src import estimator_stats
 
 ESTIMATORS = {
     "UORO": lambda core: rtrl_jax.uoro(core),
@@ -42,7 +37,7 @@ ESTIMATORS = {
     "4-OK": lambda core: rtrl_jax.ok(core, rank=4),
 }
 INPUT_SIZE = 4
-# Keys per vmapped chunk: wide batches of r-OK streams were seen to hang XLA:CPU (jaxlib 0.10.2).
+# Keys per vmapped chunk (jax.lax.map), which bounds the memory of the sampled influences.
 BATCH = 25
 
 
@@ -94,8 +89,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
-    # Synchronous CPU execution: with async dispatch a wide run was seen to wait forever on a result.
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
     start = time.time()
     rows = {}
     for n in args.sizes:

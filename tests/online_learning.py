@@ -1,10 +1,40 @@
-"""Shared by the learning tests: an online run on the add task and its final loss."""
+"""Shared by the tests: per-step online gradients of a step loss, and an online run on the add task."""
 
 import jax
 import numpy as np
 import optax
 
 import rtrl_jax
+
+
+def online_grads(core, estimator, params, carry, xs, weights, step_loss):
+    """Per-step online gradients of ``step_loss(out_t, weights_t)`` (leading axis time), jitted."""
+
+    def body(state, inputs):
+        trace, h = state
+        x, w = inputs
+        h, out, trace = estimator.step(trace, params, h, x)
+        out_bar = jax.grad(step_loss)(out, w)
+        return (trace, h), rtrl_jax.online_grad(core, estimator, trace, params, h, out_bar)
+
+    run = jax.jit(lambda: jax.lax.scan(body, (estimator.init(params, carry), carry), (xs, weights))[1])
+    return run()
+
+
+def rollout(core, estimator, params, carry, xs):
+    """``(carry, trace, influence)`` after running ``estimator`` over ``xs`` (jitted scan)."""
+
+    @jax.jit
+    def go(params, carry, xs):
+        def body(state, x):
+            carry, trace = state
+            carry, _, trace = estimator.step(trace, params, carry, x)
+            return (carry, trace), None
+
+        return jax.lax.scan(body, (carry, estimator.init(params, carry)), xs)[0]
+
+    carry, trace = go(params, carry, xs)
+    return carry, trace, rtrl_jax.influence_matrix(estimator, trace, params, carry)
 
 
 def add_task_loss(core, estimator, *, readout_only=False, steps=3000, batch=16, seed=0):

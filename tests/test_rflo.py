@@ -5,24 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from online_learning import add_task_loss
+from online_learning import add_task_loss, rollout
 
 import rtrl_jax
 from rtrl_jax._src.tasks import add_task_baselines
-
-
-def _rollout(core, estimator, params, carry, xs):
-    @jax.jit
-    def go(params, carry, xs):
-        def body(state, x):
-            carry, trace = state
-            carry, _, trace = estimator.step(trace, params, carry, x)
-            return (carry, trace), None
-
-        return jax.lax.scan(body, (carry, estimator.init(params, carry)), xs)[0]
-
-    carry, trace = go(params, carry, xs)
-    return carry, trace, rtrl_jax.influence_matrix(estimator, trace, params, carry)
 
 
 def _setup(core, steps=6):
@@ -40,7 +26,7 @@ def test_rflo_is_murrays_eligibility_trace():
     params, carry, xs = _setup(core)
     alpha = 1.0 - 1.0 / tau
     estimator = rtrl_jax.rflo(core)  # the leak comes from the cell
-    _, trace, influence = _rollout(core, estimator, params, carry, xs)
+    _, trace, influence = rollout(core, estimator, params, carry, xs)
     assert rtrl_jax.tree_size(trace) == core.num_params
 
     w = params["recurrent"]["kernel"]  # (in j, out k)
@@ -81,29 +67,29 @@ def test_rflo_exact_when_dynamics_is_the_leak():
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
     carry = jnp.zeros(3, jnp.float64)
     xs = jax.random.normal(jax.random.PRNGKey(2), (5, 2), jnp.float64)
-    _, _, got = _rollout(core, rtrl_jax.rflo(core, alpha), params, carry, xs)
-    _, _, exact = _rollout(core, rtrl_jax.rtrl(core), params, carry, xs)
+    _, _, got = rollout(core, rtrl_jax.rflo(core, alpha), params, carry, xs)
+    _, _, exact = rollout(core, rtrl_jax.rtrl(core), params, carry, xs)
     np.testing.assert_allclose(got, exact, atol=1e-12)
     # The wrong leak is not exact.
-    _, _, wrong = _rollout(core, rtrl_jax.rflo(core, 0.2), params, carry, xs)
+    _, _, wrong = rollout(core, rtrl_jax.rflo(core, 0.2), params, carry, xs)
     assert float(jnp.max(jnp.abs(wrong - exact))) > 1e-3
 
 
 def test_leak_zero_is_the_immediate_jacobian():
     core = rtrl_jax.from_linen(nn.GRUCell(features=3), 2)
     params, carry, xs = _setup(core, steps=3)
-    _, _, got = _rollout(core, rtrl_jax.rflo(core, 0.0), params, carry, xs)
-    _, _, immediate = _rollout(core, rtrl_jax.tbptt(core, 1), params, carry, xs)
+    _, _, got = rollout(core, rtrl_jax.rflo(core, 0.0), params, carry, xs)
+    _, _, immediate = rollout(core, rtrl_jax.tbptt(core, 1), params, carry, xs)
     np.testing.assert_allclose(got, immediate, atol=1e-12)
 
 
 def test_leak_per_carry_entry():
     core = rtrl_jax.from_linen(rtrl_jax.LeakyRNNCell(3, tau=2.0), 2)
     params, carry, xs = _setup(core)
-    _, _, scalar = _rollout(core, rtrl_jax.rflo(core, 0.5), params, carry, xs)
-    _, _, vector = _rollout(core, rtrl_jax.rflo(core, np.full(3, 0.5)), params, carry, xs)
+    _, _, scalar = rollout(core, rtrl_jax.rflo(core, 0.5), params, carry, xs)
+    _, _, vector = rollout(core, rtrl_jax.rflo(core, np.full(3, 0.5)), params, carry, xs)
     np.testing.assert_allclose(vector, scalar, atol=1e-14)
-    _, _, mixed = _rollout(core, rtrl_jax.rflo(core, np.array([0.5, 0.5, 0.1])), params, carry, xs)
+    _, _, mixed = rollout(core, rtrl_jax.rflo(core, np.array([0.5, 0.5, 0.1])), params, carry, xs)
     np.testing.assert_allclose(mixed[:2], scalar[:2], atol=1e-14)
     assert float(jnp.max(jnp.abs(mixed[2] - scalar[2]))) > 1e-4
 

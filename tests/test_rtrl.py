@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from online_learning import online_grads
 
 import rtrl_jax as rj
 
@@ -49,16 +50,7 @@ def step_loss(out, w):
 
 def _online_grads(core, estimator, params, carry, xs, weights):
     """Per-step online gradients of ``step_loss`` (leading axis time)."""
-
-    def body(state, inputs):
-        trace, h = state
-        x, w = inputs
-        h, out, trace = estimator.step(trace, params, h, x)
-        out_bar = jax.grad(step_loss)(out, w)
-        return (trace, h), rj.online_grad(core, estimator, trace, params, h, out_bar)
-
-    run = jax.jit(lambda: jax.lax.scan(body, (estimator.init(params, carry), carry), (xs, weights))[1])
-    return run()
+    return online_grads(core, estimator, params, carry, xs, weights, step_loss)
 
 
 def _bptt_step_grad(core, params, carry, xs, weights, t):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from online_learning import add_task_loss
+from online_learning import add_task_loss, rollout
 from scipy.sparse.csgraph import shortest_path
 
 import rtrl_jax
@@ -75,18 +75,7 @@ def test_diagonal_recurrence_gives_identity(n):
 
 
 def _run(core, estimator, params, carry, xs):
-    @jax.jit
-    def go(params, carry, xs):
-        def body(state, x):
-            carry, trace = state
-            carry, _, trace = estimator.step(trace, params, carry, x)
-            return (carry, trace), None
-
-        (carry, trace), _ = jax.lax.scan(body, (carry, estimator.init(params, carry)), xs)
-        return carry, trace
-
-    carry, trace = go(params, carry, xs)
-    return rtrl_jax.influence_matrix(estimator, trace, params, carry)
+    return rollout(core, estimator, params, carry, xs)[2]
 
 
 def _setup(core, steps=5, seed=0):

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from online_learning import online_grads
 
 import rtrl_jax as rj
 
@@ -24,16 +25,6 @@ def problem():
 
 def step_loss(out, w):
     return jnp.sum(jnp.tanh(out) * w)
-
-
-def online_grads(core, estimator, params, carry, xs, weights):
-    def body(state, inputs):
-        trace, h = state
-        x, w = inputs
-        h, out, trace = estimator.step(trace, params, h, x)
-        return (trace, h), rj.online_grad(core, estimator, trace, params, h, jax.grad(step_loss)(out, w))
-
-    return jax.lax.scan(body, (estimator.init(params, carry), carry), (xs, weights))[1]
 
 
 def truncated_reference(core, params, carry, xs, weights, starts):
@@ -64,7 +55,7 @@ def close(a, b):
 @pytest.mark.parametrize("window", [1, 3, 5])
 def test_sliding_window_cuts_k_steps_back(problem, window):
     core, params, carry, xs, weights = problem
-    grads = online_grads(core, rj.tbptt(core, window), params, carry, xs, weights)
+    grads = online_grads(core, rj.tbptt(core, window), params, carry, xs, weights, step_loss)
     starts = [max(0, t - window + 1) for t in range(T)]
     assert close(grads, truncated_reference(core, params, carry, xs, weights, starts))
 
@@ -72,14 +63,14 @@ def test_sliding_window_cuts_k_steps_back(problem, window):
 def test_aligned_windows_cut_at_window_start(problem):
     core, params, carry, xs, weights = problem
     window = 4
-    grads = online_grads(core, rj.tbptt(core, window, aligned=True), params, carry, xs, weights)
+    grads = online_grads(core, rj.tbptt(core, window, aligned=True), params, carry, xs, weights, step_loss)
     starts = [(t // window) * window for t in range(T)]
     assert close(grads, truncated_reference(core, params, carry, xs, weights, starts))
 
 
 def test_window_of_sequence_length_is_full_bptt(problem):
     core, params, carry, xs, weights = problem
-    grads = online_grads(core, rj.tbptt(core, T, aligned=True), params, carry, xs, weights)
+    grads = online_grads(core, rj.tbptt(core, T, aligned=True), params, carry, xs, weights, step_loss)
     targets = weights
     _, reference = rj.bptt_value_and_grad(
         core, lambda p, out, w: step_loss(out, w), params, carry, xs, targets

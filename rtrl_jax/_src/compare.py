@@ -104,9 +104,13 @@ def gradient_trajectory(
         carry_bar = carry_cotangent(core, new_carry, out_bar)
         exact_grad = exact.grad(exact_trace, params, carry_bar)
         keys = jax.random.split(step_key, len(names))
-        new_traces, grads = {}, {}
+        new_traces, grads, previous = {}, {}, ()
         for i, n in enumerate(names):
-            _, _, new_traces[n] = estimators[n].step(traces[n], params, carry, x, key=keys[i])
+            # One estimator after the other: on CPU, two estimators' batched LAPACK calls (r-OK's
+            # QR) running at once can deadlock XLA's intra-op pool (see rtrl_jax/_src/kronecker.py).
+            trace_n, _ = jax.lax.optimization_barrier((traces[n], previous))
+            _, _, new_traces[n] = estimators[n].step(trace_n, params, carry, x, key=keys[i])
+            previous = new_traces[n]
             grads[n] = estimators[n].grad(new_traces[n], params, carry_bar)
         if train_with is not None:
             driver = exact_grad if train_with == "exact" else grads[train_with]

@@ -44,9 +44,8 @@ def sample_final_influences(
 ) -> jax.Array:
     """``(N, S, P)``: one :func:`final_influence` per key of ``keys`` (N,).
 
-    The keys are vmapped in chunks of ``batch_size`` (``jax.lax.map``): on XLA:CPU (jaxlib 0.10.2)
-    one batch of about 1000 r-OK streams, whose batched QR/SVD/eigh calls are that wide, was seen to
-    hang.
+    The keys are vmapped in chunks of ``batch_size`` (``jax.lax.map``), which bounds the memory of
+    the intermediate traces.
     """
     return jax.lax.map(
         lambda k: final_influence(estimator, params, carry, inputs, k),

@@ -27,6 +27,13 @@ are tracked exactly as dense rows ``(P_other, S)``, as in exact RTRL but only fo
 
 Memory per kernel is ``r (in + S·out)``, so ``O(r n²)`` for an ``n``-unit cell; a dense
 ``S × P`` trace is never formed.
+
+**Serialised linear algebra.** The kernels' reductions run one after the other
+(``jax.lax.optimization_barrier`` on the previous kernel's result), as do the QR factorisations inside
+one r-OK reduction. On CPU, jaxlib's batched LAPACK kernels (under ``jax.vmap``: a batch of streams
+or of keys) split their batch over XLA's intra-op thread pool and block until the pieces are done;
+two such calls started at once on a two-thread pool each hold a thread and wait forever for the other
+(seen as a hang with jaxlib 0.10.2 on two cores: both pool threads parked in ``OrthogonalQr``).
 """
 
 from __future__ import annotations
@@ -294,6 +301,7 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
         propagated = jax.vmap(lin.dynamics)(tangents)
         keys = jax.random.split(key, max(num_kernels, 1))
         new_u, new_a, offset = [], [], 0
+        previous = ()
         for k, kernel in enumerate(layout.kernels):
             count = rank * kernel.out_size
             moved = propagated[offset : offset + count].reshape(rank, kernel.out_size, size)
@@ -302,7 +310,10 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
             a_stack = jnp.concatenate(
                 [jnp.moveaxis(moved, 1, 2), lin.outer_grads[k][None].astype(trace.a[k].dtype)]
             )
+            # One kernel's reduction after the other (serialised linear algebra: module docstring).
+            u_stack, a_stack, _ = jax.lax.optimization_barrier((u_stack, a_stack, previous))
             u_k, a_k = reduce(u_stack, a_stack, keys[k])
+            previous = (u_k, a_k)
             new_u.append(u_k)
             new_a.append(a_k)
         exact = propagated[offset:] + lin.immediate_other.T.astype(trace.exact.dtype)

@@ -84,7 +84,9 @@ def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[
     k, in_size = u.shape
     _, size, out_size = a.shape
     q_a, r_a = jnp.linalg.qr(a.reshape(k, size * out_size).T)  # (S·out, ka), (ka, k)
-    q_u, r_u = jnp.linalg.qr(u.T)  # (in, ku), (ku, k)
+    # The barrier orders the two QRs (serialised linear algebra: see rtrl_jax/_src/kronecker.py).
+    u_t, q_a, r_a = jax.lax.optimization_barrier((u.T, q_a, r_a))
+    q_u, r_u = jnp.linalg.qr(u_t)  # (in, ku), (ku, k)
     p, sigma, v_t = jnp.linalg.svd(r_a @ r_u.T, full_matrices=False)
     left, right = q_a @ p, q_u @ v_t.T  # (S·out, kk), (in, kk): C = left diag(σ) rightᵀ
     kept = sigma.shape[0]
