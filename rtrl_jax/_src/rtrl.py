@@ -26,9 +26,10 @@ No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve ind
 ``D_t``, which is what :mod:`rtrl_jax._src.sharding` uses to shard each block along its rows.
 
 With ``row_blocks=k > 1`` every block with more than ``P / k`` rows is updated in place in chunks of
-at most ``P / k`` rows, so the peak memory of a step (with the trace donated) is about
-``(1 + 1/k)`` traces instead of two, at some cost in speed. Leave ``row_blocks=1`` when the trace is
-sharded along its rows.
+at most ``P / k`` rows, so the peak memory of a step (with the trace donated) falls from two traces
+towards one (measured with ``benchmarks/speed_memory.py``: 1.25× for a tanh RNN and 1.44× for a GRU
+at ``k = 8``, n = 256), at some cost in speed. Leave ``row_blocks=1`` when the trace is sharded along
+its rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
 BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
