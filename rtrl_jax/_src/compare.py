@@ -35,6 +35,7 @@ from jax.flatten_util import ravel_pytree
 
 from rtrl_jax._src.base import Estimator
 from rtrl_jax._src.config import ModelConfig
+from rtrl_jax._src.kronecker import after
 from rtrl_jax._src.online import carry_cotangent
 
 _TINY = 1e-30
@@ -108,7 +109,7 @@ def gradient_trajectory(
         for i, n in enumerate(names):
             # One estimator after the other: on CPU, two estimators' batched LAPACK calls (r-OK's
             # QR) running at once can deadlock XLA's intra-op pool (see rtrl_jax/_src/kronecker.py).
-            trace_n, _ = jax.lax.optimization_barrier((traces[n], previous))
+            trace_n = after(traces[n], previous)
             _, _, new_traces[n] = estimators[n].step(trace_n, params, carry, x, key=keys[i])
             previous = new_traces[n]
             grads[n] = estimators[n].grad(new_traces[n], params, carry_bar)

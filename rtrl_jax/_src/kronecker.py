@@ -28,9 +28,9 @@ are tracked exactly as dense rows ``(P_other, S)``, as in exact RTRL but only fo
 Memory per kernel is ``r (in + S·out)``, so ``O(r n²)`` for an ``n``-unit cell; a dense
 ``S × P`` trace is never formed.
 
-**Serialised linear algebra.** The kernels' reductions run one after the other
-(``jax.lax.optimization_barrier`` on the previous kernel's result), as do the QR factorisations inside
-one r-OK reduction. On CPU, jaxlib's batched LAPACK kernels (under ``jax.vmap``: a batch of streams
+**Serialised linear algebra.** The kernels' reductions run one after the other (:func:`after`: a
+data dependency on the previous kernel's result), as do the QR factorisations inside one r-OK
+reduction. On CPU, jaxlib's batched LAPACK kernels (under ``jax.vmap``: a batch of streams
 or of keys) split their batch over XLA's intra-op thread pool and block until the pieces are done;
 two such calls started at once on a two-thread pool each hold a thread and wait forever for the other
 (seen as a hang with jaxlib 0.10.2 on two cores: both pool threads parked in ``OrthogonalQr``).
@@ -262,6 +262,18 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
     return _Linearized(new_carry, out, dynamics, inputs, outer_grads, immediate_other)
 
 
+def after(tree: Any, dependencies: Any) -> Any:
+    """``tree`` unchanged, but computed only once ``dependencies`` are: the result reads one entry
+    of every dependency (``jnp.where(isfinite(token), x, x + token)``, which XLA cannot fold away).
+    ``jax.lax.optimization_barrier`` is not enough: XLA:CPU drops it before scheduling, so two
+    independent LAPACK calls may still run at once."""
+    leaves = [jnp.ravel(leaf)[:1].sum() for leaf in jax.tree.leaves(dependencies)]
+    if not leaves:
+        return tree
+    token = sum(leaves[1:], leaves[0])
+    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(token), x, (x + token).astype(x.dtype)), tree)
+
+
 def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) -> Estimator:
     """An estimator that keeps ``rank`` Kronecker terms per Dense kernel of ``core``'s cell.
 
@@ -311,7 +323,7 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
                 [jnp.moveaxis(moved, 1, 2), lin.outer_grads[k][None].astype(trace.a[k].dtype)]
             )
             # One kernel's reduction after the other (serialised linear algebra: module docstring).
-            u_stack, a_stack, _ = jax.lax.optimization_barrier((u_stack, a_stack, previous))
+            u_stack, a_stack = after((u_stack, a_stack), previous)
             u_k, a_k = reduce(u_stack, a_stack, keys[k])
             previous = (u_k, a_k)
             new_u.append(u_k)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.kronecker import KroneckerState, kronecker_estimator
+from rtrl_jax._src.kronecker import KroneckerState, after, kronecker_estimator
 
 OKState = KroneckerState
 """The r-OK trace: a :class:`~rtrl_jax.KroneckerState` of rank r."""
@@ -84,9 +84,8 @@ def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[
     k, in_size = u.shape
     _, size, out_size = a.shape
     q_a, r_a = jnp.linalg.qr(a.reshape(k, size * out_size).T)  # (S·out, ka), (ka, k)
-    # The barrier orders the two QRs (serialised linear algebra: see rtrl_jax/_src/kronecker.py).
-    u_t, q_a, r_a = jax.lax.optimization_barrier((u.T, q_a, r_a))
-    q_u, r_u = jnp.linalg.qr(u_t)  # (in, ku), (ku, k)
+    # One QR after the other (serialised linear algebra: see rtrl_jax/_src/kronecker.py).
+    q_u, r_u = jnp.linalg.qr(after(u.T, q_a))  # (in, ku), (ku, k)
     p, sigma, v_t = jnp.linalg.svd(r_a @ r_u.T, full_matrices=False)
     left, right = q_a @ p, q_u @ v_t.T  # (S·out, kk), (in, kk): C = left diag(σ) rightᵀ
     kept = sigma.shape[0]
