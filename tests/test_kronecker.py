@@ -288,3 +288,18 @@ def test_trainer_learns_add_task_with_kronecker_estimators(name, options):
     no_memory = add_task_baselines()["no_memory"]
     assert learned < readout - 0.03, (learned, readout)
     assert learned < no_memory - 0.05, (learned, no_memory)
+
+
+def test_after_is_identity_with_a_real_dependency():
+    """The serialisation of LAPACK calls rests on ``after`` reading its dependencies: an
+    ``optimization_barrier`` is dropped by XLA:CPU, a data dependency is not."""
+    from rtrl_jax._src.kronecker import after
+
+    x = {"a": jnp.arange(3.0), "b": jnp.array([True, False]), "c": jnp.arange(2)}
+    same = jax.jit(after)(x, (jnp.ones((2, 2)), jnp.zeros(0)))
+    for got, want in zip(jax.tree.leaves(same), jax.tree.leaves(x), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    poisoned = jax.jit(after)(jnp.arange(3.0), jnp.array([jnp.nan, 1.0]))
+    assert bool(jnp.all(jnp.isnan(poisoned)))
+    assert after(x, ()) is x
