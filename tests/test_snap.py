@@ -147,6 +147,22 @@ def test_snap1_and_rflo_follow_the_masked_recursion(cell):
     )
 
 
+def test_snap1_without_self_recurrence_is_the_immediate_jacobian():
+    """``h' = tanh(W h + x)`` with a zero diagonal: SnAp-1 keeps ``J[i, W_ij]``, which ``D`` never
+    feeds (``D[i, i] = 0``), so the trace is ``I_t`` on the mask at every step."""
+    core = _masked_rnn_core(np.array([[0, 1, 1], [1, 0, 0], [1, 1, 0]]))
+    params, carry, xs = _setup(core, steps=4)
+    layout = rtrl_jax.snap_layout(core, 1)
+    assert layout.pair_out.size == 0 and layout.rows.size == core.num_params
+    mask = np.zeros((core.carry_size, core.num_params))
+    mask[layout.rows, layout.cols] = 1.0
+    np.testing.assert_allclose(
+        _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
+        _masked_rtrl(core, params, carry, xs, mask),
+        atol=1e-12,
+    )
+
+
 def test_snap_order_two_on_sparse_cell_lies_between():
     cell = rtrl_jax.SparseRNNCell(8, density=0.2, seed=3)
     core = rtrl_jax.from_linen(cell, 2)

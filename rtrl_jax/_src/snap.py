@@ -531,7 +531,7 @@ def _one_entry_per_parameter(layout: SnapLayout, leak: Any) -> bool:
         return False
     if not layout.immediate.all():
         return False
-    if leak is not None:
+    if leak is not None or not layout.pair_out.size:  # RFLO, or SnAp with nothing to propagate
         return True
     every = np.arange(num)
     return (
