@@ -107,25 +107,30 @@ def _train_scan(core, estimator, params, steps, batch):
         grads = rj.online_grad(core, estimator, trace, params, carry, w * out)
         return trace, carry, grads
 
-    if batch == 1:  # one stream: no vmap, so XLA sees plain (not batched) matrix products
-
-        def batched(*args):
-            out = one(*jax.tree.map(lambda a: a[0], args))
-            return jax.tree.map(lambda a: a[None], out)
-
-    else:
-        batched = jax.vmap(one)
-
-    def run(traces, carries, xs, keys, ws):
+    def scan(traces, carries, xs, keys, ws, step_fn):
         def body(state, inputs):
             traces, carries, acc = state
-            traces, carries, grads = batched(traces, carries, *inputs)
-            acc = jax.tree.map(lambda a, g: a + g.sum(0), acc, grads)
+            traces, carries, grads = step_fn(traces, carries, *inputs)
+            acc = jax.tree.map(lambda a, g: a + g, acc, grads)
             return (traces, carries, acc), None
 
         acc = jax.tree.map(jnp.zeros_like, params)
         (traces, carries, acc), _ = jax.lax.scan(body, (traces, carries, acc), (xs, keys, ws))
         return traces, carries, acc
+
+    def run(traces, carries, xs, keys, ws):
+        if batch == 1:
+            # One stream: the batch axis is dropped outside the scan, so the step sees the shapes
+            # a single-stream user has (a squeeze/expand inside it cost XLA:CPU extra passes).
+            inputs = jax.tree.map(lambda a: a[:, 0], (xs, keys, ws))
+            traces, carries, acc = scan(*jax.tree.map(lambda a: a[0], (traces, carries)), *inputs, one)
+            return *jax.tree.map(lambda a: a[None], (traces, carries)), acc
+
+        def batched(*args):
+            traces, carries, grads = jax.vmap(one)(*args)
+            return traces, carries, jax.tree.map(lambda g: g.sum(0), grads)
+
+        return scan(traces, carries, xs, keys, ws, batched)
 
     return jax.jit(run, donate_argnums=(0,))
 

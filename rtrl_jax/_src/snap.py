@@ -543,11 +543,28 @@ def _one_entry_per_parameter(layout: SnapLayout, leak: Any) -> bool:
 
 
 def _rows_per_leaf(rows: np.ndarray, params: Any) -> Any:
-    """The static carry row of every parameter, as a pytree of integer arrays shaped like ``params``."""
+    """The static carry row of every parameter, as a pytree shaped like ``params`` whose leaves keep
+    size 1 along every axis the row does not vary on (a kernel's rows depend on its output axis only):
+    reading a carry vector at them then costs a small gather and a broadcast, not a gather of ``P``."""
     leaves, treedef = jax.tree.flatten(params)
     offsets = np.cumsum([0] + [int(np.size(leaf)) for leaf in leaves])
-    bounds = zip(leaves, offsets[:-1], offsets[1:], strict=True)
-    return treedef.unflatten([rows[lo:hi].reshape(np.shape(leaf)) for leaf, lo, hi in bounds])
+    compact = []
+    for leaf, lo, hi in zip(leaves, offsets[:-1], offsets[1:], strict=True):
+        leaf_rows = rows[lo:hi].reshape(np.shape(leaf))
+        for axis in range(leaf_rows.ndim):
+            first = np.take(leaf_rows, [0], axis=axis)
+            if np.array_equal(leaf_rows, np.broadcast_to(first, leaf_rows.shape)):
+                leaf_rows = first
+        compact.append(leaf_rows)
+    return treedef.unflatten(compact)
+
+
+def _read_rows(vector: jax.Array, leaf_rows: np.ndarray) -> jax.Array:
+    """``vector[leaf_rows]`` for static rows: a slice when they are consecutive, else a gather."""
+    flat = leaf_rows.ravel()
+    if flat.size and np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
+        return vector[flat[0] : flat[0] + flat.size].reshape(leaf_rows.shape)
+    return vector[leaf_rows]
 
 
 def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> Estimator:
@@ -582,12 +599,12 @@ def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> 
         row_of = _rows_per_leaf(rows, params)
         if leak is not None:
             decay = jnp.asarray(leak, new_flat.dtype)
-            decay_of = jax.tree.map(lambda r: decay[r] if decay.ndim else decay, row_of)
+            decay_of = jax.tree.map(lambda r: _read_rows(decay, r) if decay.ndim else decay, row_of)
         elif layout.pair_out.size:
             _, jvp_fn = jax.linearize(lambda h: flat_step(params, h)[0], flat_carry)
             compressed = jax.vmap(jvp_fn)(_indicators(layout.d_colour, flat_carry.dtype))  # (C, S)
             diagonal = compressed[d_colour, jnp.arange(flat_carry.size)]
-            decay_of = jax.tree.map(lambda r: diagonal[r], row_of)
+            decay_of = jax.tree.map(lambda r: _read_rows(diagonal, r), row_of)
         else:
             decay_of = jax.tree.map(lambda r: jnp.zeros((), new_flat.dtype), row_of)
         values = jax.tree.map(lambda e, i, d: (i + d * e).astype(e.dtype), trace.values, immediate, decay_of)
@@ -596,7 +613,7 @@ def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> 
     def grad(trace, params, carry_bar):
         flat_bar, _ = ravel_pytree(carry_bar)
         return jax.tree.map(
-            lambda e, r, p: (flat_bar.astype(e.dtype)[r] * e).astype(jnp.result_type(p)),
+            lambda e, r, p: (_read_rows(flat_bar.astype(e.dtype), r) * e).astype(jnp.result_type(p)),
             trace.values,
             _rows_per_leaf(rows, params),
             params,
