@@ -10,7 +10,7 @@ from online_learning import add_task_loss, rollout
 from scipy.sparse.csgraph import shortest_path
 
 import rtrl_jax
-from rtrl_jax._src.snap import layout_from_mask
+from rtrl_jax._src.snap import _read_rows, _rows_per_leaf, layout_from_mask
 from rtrl_jax._src.tasks import add_task_baselines
 
 W_EXAMPLE = np.array([[1, 1, 1], [0, 1, 0], [1, 0, 1]])
@@ -159,6 +159,37 @@ def test_snap1_without_self_recurrence_is_the_immediate_jacobian():
     np.testing.assert_allclose(
         _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
         _masked_rtrl(core, params, carry, xs, mask),
+        atol=1e-12,
+    )
+
+
+def test_per_parameter_rows_are_compact_and_read_exactly():
+    """A kernel's rows vary along its output axis only: they are kept with size 1 on the input axis
+    and read by a slice; rows that repeat or jump (the masked RNN's entries) are read by a gather,
+    and SnAp-1 / RFLO on that cell still follow the masked recursion."""
+    rows = np.array([0, 1, 2, 0, 1, 2, 5, 3, 3, 4])  # kernel (2, 3): output rows 0..2; then (4,)
+    params = {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)}
+    compact = _rows_per_leaf(rows, params)
+    np.testing.assert_array_equal(compact["a"], [[0, 1, 2]])
+    np.testing.assert_array_equal(compact["b"], [5, 3, 3, 4])
+    vector = jnp.arange(6.0) * 10
+    np.testing.assert_array_equal(_read_rows(vector, compact["a"]), [[0.0, 10.0, 20.0]])
+    np.testing.assert_array_equal(_read_rows(vector, compact["b"]), [50.0, 30.0, 30.0, 40.0])
+
+    core = _masked_rnn_core(W_EXAMPLE)  # diagonal entries: D[i, i] propagates
+    params, carry, xs = _setup(core, steps=5)
+    layout = rtrl_jax.snap_layout(core, 1)
+    mask = np.zeros((core.carry_size, core.num_params))
+    mask[layout.rows, layout.cols] = 1.0
+    np.testing.assert_allclose(
+        _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
+        _masked_rtrl(core, params, carry, xs, mask),
+        atol=1e-12,
+    )
+    immediate_mask = rtrl_jax.sparsity_patterns(core).immediate.toarray().astype(float)
+    np.testing.assert_allclose(
+        _run(core, rtrl_jax.rflo(core, leak=0.6), params, carry, xs),
+        _masked_rtrl(core, params, carry, xs, immediate_mask, leak=0.6),
         atol=1e-12,
     )
 
