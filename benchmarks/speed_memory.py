@@ -62,12 +62,14 @@ def _best_time(fn, *args, repeats):
     return best
 
 
-def matmul_rate(rows, inner, cols, repeats=5):
-    """FLOP/s of an (rows × inner)·(inner × cols) float32 product, jitted, on the default device."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (rows, inner), DTYPE)
-    b = jax.random.normal(jax.random.PRNGKey(1), (inner, cols), DTYPE)
+def matmul_rate(rows, inner, cols, batch=1, repeats=5):
+    """FLOP/s of ``batch`` (rows × inner)·(inner × cols) float32 products (one batched matmul for
+    ``batch > 1``), jitted, on the default device."""
+    lead = (batch,) if batch > 1 else ()
+    a = jax.random.normal(jax.random.PRNGKey(0), (*lead, rows, inner), DTYPE)
+    b = jax.random.normal(jax.random.PRNGKey(1), (*lead, inner, cols), DTYPE)
     seconds = _best_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
-    return 2.0 * rows * inner * cols / seconds
+    return 2.0 * batch * rows * inner * cols / seconds
 
 
 def _nbytes(tree):
@@ -328,6 +330,9 @@ def main(argv=None):
     if "rtrl" in names:
         for batch in args.batches:
             row = bench_estimator("rtrl", "tanh", 64, batch, args.steps, args.repeats)
+            row["matmul_rate_same_shape"] = matmul_rate(row["params"], row["carry"], row["carry"], batch)
+            row["fraction_of_same_shape_matmul"] = row["flop_rate"] / row["matmul_rate_same_shape"]
+            row["fraction_of_square_matmul"] = row["flop_rate"] / square_rate
             batch_rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -415,9 +420,18 @@ def markdown(result):
                 f"| {r['fraction_of_same_shape_matmul']:.2f} | {_fmt(r['peak_over_trace'], '.2f')} |"
             )
     if result["batch"]:
-        lines += ["", "| exact RTRL, tanh n=64: batch | stream-steps/s | GFLOP/s |", "|---|---|---|"]
+        lines += [
+            "",
+            "| exact RTRL, tanh n=64: batch | stream-steps/s | GFLOP/s | ×same-shape batched mm "
+            "| ×square mm |",
+            "|---|---|---|---|---|",
+        ]
         for r in result["batch"]:
-            lines.append(f"| {r['batch']} | {r['stream_steps_per_s']:.0f} | {r['flop_rate'] / 1e9:.1f} |")
+            lines.append(
+                f"| {r['batch']} | {r['stream_steps_per_s']:.0f} | {r['flop_rate'] / 1e9:.1f} "
+                f"| {_fmt(r.get('fraction_of_same_shape_matmul'), '.2f')} "
+                f"| {_fmt(r.get('fraction_of_square_matmul'), '.2f')} |"
+            )
     if result["numpy_peer"]:
         lines += [
             "",

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import rtrl_jax
-from rtrl_jax._src import estimator_stats
+from rtrl_jax._src import estimator_stats, kronecker
 from rtrl_jax._src.kronecker import kronecker_layout, unsupported_reason
 from rtrl_jax._src.tasks import add_task_baselines
 
@@ -111,6 +111,31 @@ def test_ok_with_enough_rank_is_exact_rtrl_and_kf_is_exact_after_one_step(cell_n
     one = _influences(core, [rtrl_jax.rtrl(core), rtrl_jax.kf_rtrl(core), rtrl_jax.ok(core)], 1)
     np.testing.assert_allclose(one[1], one[0], rtol=0, atol=TOL)
     np.testing.assert_allclose(one[2], one[0], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("cell_name", ["simple", "gru", "user"])
+def test_explicit_and_per_row_dynamics_give_the_same_trace(cell_name, monkeypatch):
+    """``D_t`` is applied either by one JVP per stored row or, when the cell's JVP costs several
+    matrix-vector products (a GRU), by forming ``D_t`` once; both are the same recursion. (KF-RTRL
+    and an exact-rank r-OK: a truncating r-OK draws its signs in a basis whose orientation LAPACK
+    may pick differently for inputs that differ by rounding, a different but equally valid sample.)"""
+    core = rtrl_jax.from_linen(CELLS[cell_name](), 3)
+    traces = []
+    for matvecs in (1.0, 1e6):  # the first never forms D_t, the second always does
+        monkeypatch.setattr(kronecker, "carry_jvp_matvecs", lambda core, m=matvecs: m)
+        estimators = [rtrl_jax.kf_rtrl(core), rtrl_jax.ok(core, rank=5)]
+        traces.append(_influences(core, estimators, steps=5))
+    assert float(jnp.abs(traces[0][1]).max()) > 0.1
+    for per_row, formed in zip(*traces, strict=True):
+        np.testing.assert_allclose(formed, per_row, rtol=0, atol=1e-12)
+
+
+def test_carry_jvp_cost_counts_the_hidden_kernels():
+    """In ``S × S`` matrix-vector products (plus element-wise work): the tanh RNN has one ``n × n``
+    hidden kernel, the GRU three, the LSTM four ``n × n`` kernels on a carry of ``S = 2n``."""
+    assert 1.0 <= kronecker.carry_jvp_matvecs(rtrl_jax.from_linen(nn.SimpleCell(64), 3)) < 1.1
+    assert 3.0 <= kronecker.carry_jvp_matvecs(rtrl_jax.from_linen(nn.GRUCell(64), 3)) < 3.3
+    assert 1.0 <= kronecker.carry_jvp_matvecs(rtrl_jax.from_linen(nn.LSTMCell(64), 3)) < 1.1
 
 
 def test_grad_matches_influence_and_batches_with_vmap():

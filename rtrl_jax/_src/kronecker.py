@@ -26,7 +26,11 @@ kernels of layers applied more than once or to non-vector inputs, parameters of 
 are tracked exactly as dense rows ``(P_other, S)``, as in exact RTRL but only for themselves.
 
 Memory per kernel is ``r (in + S·out)``, so ``O(r n²)`` for an ``n``-unit cell; a dense
-``S × P`` trace is never formed.
+``S × P`` trace is never formed. Each ``A_q`` is stored transposed, ``(out, S)``: its rows are carry
+tangents, which ``D_t`` maps with no transposition, and ``vec(A_q)`` is a contiguous row for the
+reductions' QR factorisations. ``D_t`` is applied with one JVP per stored row, or, for cells whose
+JVP costs several ``S × S`` products (a GRU's three hidden kernels, counted by
+:func:`carry_jvp_matvecs`), by forming ``D_t`` once and multiplying, whichever costs fewer FLOPs.
 
 **Serialised linear algebra.** The kernels' reductions run one after the other (:func:`after`: a
 data dependency on the previous kernel's result), as do the QR factorisations inside one r-OK
@@ -85,7 +89,8 @@ class KroneckerState(NamedTuple):
 
     Attributes:
       u: per kernel, ``(r, in)`` input-side factors.
-      a: per kernel, ``(r, S, out)`` carry-side factors.
+      a: per kernel, ``(r, out, S)`` carry-side factors, stored transposed (``a[k][q] = A_qᵀ``):
+        each row is a carry tangent, so ``D_t`` acts on the rows with no transposition.
       exact: ``(P_other, S)`` exact influence of the parameters that are not factored kernels
         (in the order of ``ravel_pytree`` of those leaves).
     """
@@ -203,8 +208,8 @@ class _Linearized(NamedTuple):
     out: Any
     dynamics: Callable[[jax.Array], jax.Array]  # flat carry tangent -> flat carry tangent
     inputs: tuple[jax.Array, ...]  # per kernel, the Dense input a_t
-    outer_grads: tuple[jax.Array, ...]  # per kernel, G_t = ∂h_t/∂z, (S, out)
-    immediate_other: jax.Array  # (S, P_other)
+    outer_grads: tuple[jax.Array, ...]  # per kernel, G_tᵀ = (∂h_t/∂z)ᵀ, (out, S)
+    immediate_other: jax.Array  # (P_other, S)
 
 
 class _Split(NamedTuple):
@@ -257,9 +262,32 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
         lambda o, z: apply(o, z, flat_carry), split.other_flat, zeros, has_aux=True
     )
     basis = jnp.eye(new_flat.size, dtype=new_flat.dtype)
-    immediate_other, outer_grads = jax.vmap(immediate_vjp)(basis)
+    immediate_other, outer_grads = jax.vmap(immediate_vjp, out_axes=1)(basis)
     _, dynamics = jax.linearize(lambda h: apply(split.other_flat, zeros, h)[0], flat_carry)
     return _Linearized(new_carry, out, dynamics, inputs, outer_grads, immediate_other)
+
+
+def carry_jvp_matvecs(core: Any) -> float:
+    """How many ``S × S`` matrix-vector products one JVP of the cell in its carry costs: the FLOPs
+    of the tangent map (XLA's count for the JVP minus the step's own) over ``2 S²``. A tanh RNN
+    has about 1, a GRU about 3 (its three hidden kernels); ``nan`` when XLA reports no count."""
+    flat_spec = jax.eval_shape(lambda carry: ravel_pytree(carry)[0], core.carry_spec)
+    x_spec = jax.ShapeDtypeStruct(tuple(core.input_shape), flat_spec.dtype)
+
+    def step(params, carry, x):
+        return core.apply(params, carry, x)
+
+    def carry_jvp(params, carry, x, tangent):
+        flat, unravel = ravel_pytree(carry)
+        return jax.jvp(lambda h: ravel_pytree(core.apply(params, unravel(h), x)[0])[0], (flat,), (tangent,))
+
+    def flops(fn, *specs):
+        cost = jax.jit(fn).lower(*specs).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float((cost or {}).get("flops", float("nan")))
+
+    specs = (core.params_spec, core.carry_spec, x_spec)
+    return (flops(carry_jvp, *specs, flat_spec) - flops(step, *specs)) / (2.0 * flat_spec.size**2)
 
 
 def after(tree: Any, dependencies: Any) -> Any:
@@ -280,7 +308,7 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
     Args:
       core: a :class:`~rtrl_jax.Core` from :func:`~rtrl_jax.from_linen`.
       rank: the number ``r`` of Kronecker terms kept per kernel.
-      reduce: ``(u (r+1, in), a (r+1, S, out), key) -> (u (r, in), a (r, S, out))``, an unbiased
+      reduce: ``(u (r+1, in), a (r+1, out, S), key) -> (u (r, in), a (r, out, S))``, an unbiased
         reduction of ``r + 1`` terms (the ``r`` propagated ones, then the immediate one) to ``r``.
       name: the estimator's name for error messages.
 
@@ -291,6 +319,15 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
     check_supported(core, name)
     layout = kronecker_layout(core)
     num_kernels = len(layout.kernels)
+    # D_t acts on every stored row: r·out per kernel, and the exactly tracked parameters. With c
+    # matrix-vector products per carry JVP, forming D_t once (c S³) and multiplying (rows · S²)
+    # beats c JVPs per row (c · rows · S²) when rows (c - 1) > c S (a GRU; never a tanh RNN).
+    size = core.carry_size
+    leaves = jax.tree.leaves(core.params_spec)
+    rows = rank * sum(k.out_size for k in layout.kernels)
+    rows += sum(int(leaves[i].size) for i in layout.other_leaves)
+    matvecs = carry_jvp_matvecs(core)
+    explicit_dynamics = bool(rows * (matvecs - 1) > matvecs * size)  # False when matvecs is nan
 
     def init(params, carry, *, key=None):
         del key
@@ -299,43 +336,44 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
         dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
         size = flat_carry.size
         u = tuple(jnp.zeros((rank, k.in_size), dtype) for k in layout.kernels)
-        a = tuple(jnp.zeros((rank, size, k.out_size), dtype) for k in layout.kernels)
+        a = tuple(jnp.zeros((rank, k.out_size, size), dtype) for k in layout.kernels)
         return KroneckerState(u, a, jnp.zeros((split.other_flat.size, size), dtype))
 
     def step(trace, params, carry, x, *, key=None):
         if key is None:
             raise ValueError(f"{name}.step needs a random key: step(..., key=key).")
         lin = _linearize(core, layout, params, carry, x)
-        size = trace.exact.shape[1]
-        # D_t applied to every stored carry-side column and every exact row, in one vmapped JVP.
-        columns = [jnp.moveaxis(a, 1, 2).reshape(-1, size) for a in trace.a]
-        tangents = jnp.concatenate([*columns, trace.exact], axis=0)
-        propagated = jax.vmap(lin.dynamics)(tangents)
+        # D_t applied to every stored carry-side row: the rows of A (out, S) are carry tangents.
+        if explicit_dynamics:
+            dynamics_t = jax.vmap(lin.dynamics)(jnp.eye(size, dtype=trace.exact.dtype))  # row i: D e_i
+
+            def propagate(tangents):
+                return tangents @ dynamics_t
+
+        else:
+            propagate = jax.vmap(lin.dynamics)
         keys = jax.random.split(key, max(num_kernels, 1))
-        new_u, new_a, offset = [], [], 0
+        new_u, new_a = [], []
         previous = ()
-        for k, kernel in enumerate(layout.kernels):
-            count = rank * kernel.out_size
-            moved = propagated[offset : offset + count].reshape(rank, kernel.out_size, size)
-            offset += count
+        for k in range(num_kernels):
+            a = trace.a[k]
+            moved = propagate(a.reshape(-1, a.shape[-1])).reshape(a.shape)
             u_stack = jnp.concatenate([trace.u[k], lin.inputs[k][None].astype(trace.u[k].dtype)])
-            a_stack = jnp.concatenate(
-                [jnp.moveaxis(moved, 1, 2), lin.outer_grads[k][None].astype(trace.a[k].dtype)]
-            )
+            a_stack = jnp.concatenate([moved, lin.outer_grads[k][None].astype(a.dtype)])
             # One kernel's reduction after the other (serialised linear algebra: module docstring).
             u_stack, a_stack = after((u_stack, a_stack), previous)
             u_k, a_k = reduce(u_stack, a_stack, keys[k])
             previous = (u_k, a_k)
             new_u.append(u_k)
             new_a.append(a_k)
-        exact = propagated[offset:] + lin.immediate_other.T.astype(trace.exact.dtype)
+        exact = propagate(trace.exact) + lin.immediate_other.astype(trace.exact.dtype)
         return lin.carry, lin.out, KroneckerState(tuple(new_u), tuple(new_a), exact)
 
     def grad(trace, params, carry_bar):
         split = _split(layout, params)
         c = ravel_pytree(carry_bar)[0].astype(trace.exact.dtype)
         kernels = [
-            jnp.einsum("qi,qsj,s->ij", u, a, c).astype(w.dtype)
+            jnp.einsum("qi,qjs,s->ij", u, a, c).astype(w.dtype)
             for u, a, w in zip(trace.u, trace.a, split.kernels, strict=True)
         ]
         other = (trace.exact @ c).astype(split.other_flat.dtype)

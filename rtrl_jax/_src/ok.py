@@ -68,40 +68,43 @@ def _reduced_core(sigma: jax.Array, signs: jax.Array, rank: int) -> jax.Array:
     )
 
 
+def _combine(coefficients: jax.Array, rows: jax.Array) -> jax.Array:
+    """``coefficientsᵀ @ rows`` for a handful of long rows (``(k, r)``, ``(k, M)`` -> ``(r, M)``),
+    written as ``k`` scaled sums: one streaming pass over the rows, where a dot with inner size
+    ``k`` would run far below the memory rate on CPU."""
+    return sum(coefficients[i][:, None] * rows[i][None, :] for i in range(rows.shape[0]))
+
+
 def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """The optimal unbiased reduction of ``Σ_q u[q] ⊗ a[q]`` (``rank + 1`` terms) to ``rank`` terms.
 
     Args:
       u: ``(rank + 1, in)`` input-side factors.
-      a: ``(rank + 1, S, out)`` carry-side factors.
+      a: ``(rank + 1, ...)`` carry-side factors (any trailing shape: each is treated as a vector).
       signs: ``(rank + 1,)`` signs (±1, independent and uniform for unbiasedness) of the random
         unit vector that mixes the tail of the spectrum.
       rank: the number ``r`` of terms to keep.
 
     Returns:
-      ``(u, a)`` of shapes ``(rank, in)`` and ``(rank, S, out)``.
+      ``(u, a)`` of shapes ``(rank, in)`` and ``(rank, ...)``.
     """
-    k, in_size = u.shape
-    _, size, out_size = a.shape
-    q_a, r_a = jnp.linalg.qr(a.reshape(k, size * out_size).T)  # (S·out, ka), (ka, k)
+    k = u.shape[0]
+    q_a, r_a = jnp.linalg.qr(a.reshape(k, -1).T)  # (M, ka), (ka, k)
     # One QR after the other (serialised linear algebra: see rtrl_jax/_src/kronecker.py).
     q_u, r_u = jnp.linalg.qr(after(u.T, q_a))  # (in, ku), (ku, k)
     p, sigma, v_t = jnp.linalg.svd(r_a @ r_u.T, full_matrices=False)
-    left, right = q_a @ p, q_u @ v_t.T  # (S·out, kk), (in, kk): C = left diag(σ) rightᵀ
+    # C = (q_a p) diag(σ) (q_u v)ᵀ; the new factors are q_a and q_u times small mixing matrices.
     kept = sigma.shape[0]
     if kept <= rank:  # rank of C cannot exceed r: exact, padded with zero terms
         scale = jnp.sqrt(sigma)
-        new_left, new_right = left * scale, right * scale
-        pad = rank - kept
-        new_left = jnp.pad(new_left, ((0, 0), (0, pad)))
-        new_right = jnp.pad(new_right, ((0, 0), (0, pad)))
+        pad = ((0, 0), (0, rank - kept))
+        mix_left, mix_right = jnp.pad(p * scale, pad), jnp.pad(v_t.T * scale, pad)
     else:
         eigenvalues, vectors = jnp.linalg.eigh(_reduced_core(sigma, signs, rank))
         scale = jnp.sqrt(jnp.clip(eigenvalues[1:], 0.0))  # drop the null direction
-        new_left = (left @ vectors[:, 1:]) * scale
-        new_right = (right @ vectors[:, 1:]) * scale
-    new_a = new_left.T.reshape(rank, size, out_size)
-    return new_right.T.reshape(rank, in_size), new_a
+        mix_left, mix_right = (p @ vectors[:, 1:]) * scale, (v_t.T @ vectors[:, 1:]) * scale
+    new_a = _combine(mix_left, q_a.T).reshape(rank, *a.shape[1:])
+    return (q_u @ mix_right).T, new_a
 
 
 def ok(core, *, rank: int = 1) -> Estimator:
