@@ -10,7 +10,8 @@ Recorded per row: per-step time, compile time, FLOPs per step (exact RTRL: the `
 matmul rate measured in the same run (on the product ``(P × S)·(S × S)`` of the same shape, and on a
 square 1024 matmul), peak memory from ``compiled.memory_analysis()`` against the trace size, whether
 any ``P × P`` array appears in the compiled HLO, and the ratio to one BPTT step (forward + backward
-of the same cell). Then: fitted exponent of time against ``n``, batch throughput, and exact RTRL
+of the same cell). Then: fitted exponent of time against ``n``, batch throughput of exact RTRL
+(tanh RNN, n = 32 and 64, against one batched matmul of the same shapes), and exact RTRL
 against a plain NumPy implementation of the textbook recursion (explicit Kronecker product), and
 exact RTRL's ``row_blocks`` trade of speed for peak memory at the largest ``n``.
 
@@ -258,7 +259,7 @@ def main(argv=None):
     parser.add_argument("--estimators", nargs="*", default=None, help="default: all registered")
     parser.add_argument("--sizes", nargs="*", type=int, default=None, help="hidden sizes n")
     parser.add_argument("--large", action="store_true", help="add n = 256 (RTRL) and 512 (others)")
-    parser.add_argument("--batches", nargs="*", type=int, default=[1, 4, 16])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--steps", type=int, default=10, help="scan length for exact RTRL, KF and OK")
     parser.add_argument(
         "--fast-steps",
@@ -266,7 +267,7 @@ def main(argv=None):
         default=100,
         help="scan length for the O(P) estimators and BPTT (a call's fixed cost is spread over it)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="benchmarks/results/speed_memory.json")
     parser.add_argument("--markdown", default="benchmarks/results/speed_memory.md")
     args = parser.parse_args(argv)
@@ -328,8 +329,8 @@ def main(argv=None):
 
     batch_rows = []
     if "rtrl" in names:
-        for batch in args.batches:
-            row = bench_estimator("rtrl", "tanh", 64, batch, args.steps, args.repeats)
+        for n, batch in ((n, b) for n in (32, 64) for b in args.batches):
+            row = bench_estimator("rtrl", "tanh", n, batch, args.steps, args.repeats)
             row["matmul_rate_same_shape"] = matmul_rate(row["params"], row["carry"], row["carry"], batch)
             row["fraction_of_same_shape_matmul"] = row["flop_rate"] / row["matmul_rate_same_shape"]
             row["fraction_of_square_matmul"] = row["flop_rate"] / square_rate
@@ -422,15 +423,15 @@ def markdown(result):
     if result["batch"]:
         lines += [
             "",
-            "| exact RTRL, tanh n=64: batch | stream-steps/s | GFLOP/s | ×same-shape batched mm "
-            "| ×square mm |",
-            "|---|---|---|---|---|",
+            "| exact RTRL, tanh: n | batch | stream-steps/s | GFLOP/s | ×same-shape batched mm "
+            "| ×square mm | traces MB |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["batch"]:
             lines.append(
-                f"| {r['batch']} | {r['stream_steps_per_s']:.0f} | {r['flop_rate'] / 1e9:.1f} "
+                f"| {r['n']} | {r['batch']} | {r['stream_steps_per_s']:.0f} | {r['flop_rate'] / 1e9:.1f} "
                 f"| {_fmt(r.get('fraction_of_same_shape_matmul'), '.2f')} "
-                f"| {_fmt(r.get('fraction_of_square_matmul'), '.2f')} |"
+                f"| {_fmt(r.get('fraction_of_square_matmul'), '.2f')} | {r['trace_bytes'] / 1e6:.1f} |"
             )
     if result["numpy_peer"]:
         lines += [

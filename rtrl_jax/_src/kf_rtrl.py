@@ -51,11 +51,11 @@ def kf_merge(u: jax.Array, a: jax.Array, signs: jax.Array) -> tuple[jax.Array, j
 
     Args:
       u: ``(2, in)`` input-side factors.
-      a: ``(2, S, out)`` carry-side factors.
+      a: ``(2, ...)`` carry-side factors (any trailing shape; the estimator passes ``(2, out, S)``).
       signs: ``(2,)`` the signs ``c1, c2`` (each ±1, independent and uniform for unbiasedness).
 
     Returns:
-      ``(u, a)`` of shapes ``(1, in)``, ``(1, S, out)``.
+      ``(u, a)`` of shapes ``(1, in)``, ``(1, ...)``.
     """
     u1, a1, p1 = _balanced(u[0], a[0])
     u2, a2, p2 = _balanced(u[1], a[1])

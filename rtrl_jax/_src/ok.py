@@ -80,7 +80,8 @@ def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[
 
     Args:
       u: ``(rank + 1, in)`` input-side factors.
-      a: ``(rank + 1, ...)`` carry-side factors (any trailing shape: each is treated as a vector).
+      a: ``(rank + 1, ...)`` carry-side factors (any trailing shape, each factor taken as one vector;
+        the estimator passes ``(rank + 1, out, S)``).
       signs: ``(rank + 1,)`` signs (±1, independent and uniform for unbiasedness) of the random
         unit vector that mixes the tail of the spectrum.
       rank: the number ``r`` of terms to keep.
