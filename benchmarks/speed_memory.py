@@ -4,7 +4,8 @@ For each estimator of ``rtrl_jax.registered()`` (with default options; RFLO with
 (tanh RNN = ``nn.SimpleCell``, ``nn.GRUCell``) and each hidden size ``n``, a jitted ``lax.scan`` of
 ``T`` full online training steps (``estimator.step`` then ``estimator.grad`` of a cotangent) is
 compiled and timed (``T = --steps`` for exact RTRL, KF and OK; ``T = --fast-steps`` for the ``O(P)``
-estimators and for BPTT, whose steps are so short that a call's fixed cost would dominate ten).
+estimators and for BPTT, whose steps are so short that a call's fixed cost would dominate ten; their
+short calls are timed best of at least 20, the others best of ``--repeats``).
 Recorded per row: per-step time, compile time, FLOPs per step (exact RTRL: the ``2 P S²`` of the
 ``D·J`` product; others: XLA's cost analysis of one step), the fraction of the
 matmul rate measured in the same run (on the product ``(P × S)·(S × S)`` of the same shape, and on a
@@ -293,8 +294,10 @@ def main(argv=None):
     for name in names:
         for cell_name in CELLS:
             for n in sizes_for(name):
-                steps = args.fast_steps if name in FAST else args.steps
-                row = bench_estimator(name, cell_name, n, 1, steps, args.repeats)
+                steps, repeats = (
+                    (args.fast_steps, max(args.repeats, 20)) if name in FAST else (args.steps, args.repeats)
+                )
+                row = bench_estimator(name, cell_name, n, 1, steps, repeats)
                 if name == "rtrl":
                     row["matmul_rate_same_shape"] = matmul_rate(row["params"], row["carry"], row["carry"])
                     row["fraction_of_same_shape_matmul"] = row["flop_rate"] / row["matmul_rate_same_shape"]
@@ -305,7 +308,7 @@ def main(argv=None):
     bptt = {}
     for cell_name in CELLS:
         for n in sorted({r["n"] for r in rows}):
-            bptt[f"{cell_name}/{n}"] = bptt_step_time(cell_name, n, args.fast_steps, args.repeats)
+            bptt[f"{cell_name}/{n}"] = bptt_step_time(cell_name, n, args.fast_steps, max(args.repeats, 20))
     for row in rows:
         row["over_bptt_step"] = row["step_s"] / bptt[f"{row['cell']}/{row['n']}"]
 
