@@ -121,6 +121,28 @@ def _masked_rtrl(core, params, carry, xs, mask, leak=None):
     return jac
 
 
+def _assert_snap1_follows_masked_recursion(core, steps):
+    params, carry, xs = _setup(core, steps=steps)
+    layout = rtrl_jax.snap_layout(core, 1)
+    mask = np.zeros((core.carry_size, core.num_params))
+    mask[layout.rows, layout.cols] = 1.0
+    np.testing.assert_allclose(
+        _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
+        _masked_rtrl(core, params, carry, xs, mask),
+        atol=1e-12,
+    )
+
+
+def _assert_rflo_follows_masked_recursion(core, steps, leak):
+    params, carry, xs = _setup(core, steps=steps)
+    immediate_mask = rtrl_jax.sparsity_patterns(core).immediate.toarray().astype(float)
+    np.testing.assert_allclose(
+        _run(core, rtrl_jax.rflo(core, leak=leak), params, carry, xs),
+        _masked_rtrl(core, params, carry, xs, immediate_mask, leak=leak),
+        atol=1e-12,
+    )
+
+
 @pytest.mark.parametrize(
     "cell",
     [nn.SimpleCell(4), nn.GRUCell(3), nn.LSTMCell(2), rtrl_jax.LeakyRNNCell(4, tau=3.0)],
@@ -130,37 +152,17 @@ def test_snap1_and_rflo_follow_the_masked_recursion(cell):
     """SnAp-1 and RFLO (per-parameter trace for most cells, compressed general trace for the
     LSTM's two-entry units) against the dense masked recursion of their definitions."""
     core = rtrl_jax.from_linen(cell, 2)
-    params, carry, xs = _setup(core, steps=6)
-    layout = rtrl_jax.snap_layout(core, 1)
-    mask = np.zeros((core.carry_size, core.num_params))
-    mask[layout.rows, layout.cols] = 1.0
-    np.testing.assert_allclose(
-        _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
-        _masked_rtrl(core, params, carry, xs, mask),
-        atol=1e-12,
-    )
-    immediate_mask = rtrl_jax.sparsity_patterns(core).immediate.toarray().astype(float)
-    np.testing.assert_allclose(
-        _run(core, rtrl_jax.rflo(core, leak=0.7), params, carry, xs),
-        _masked_rtrl(core, params, carry, xs, immediate_mask, leak=0.7),
-        atol=1e-12,
-    )
+    _assert_snap1_follows_masked_recursion(core, steps=6)
+    _assert_rflo_follows_masked_recursion(core, steps=6, leak=0.7)
 
 
 def test_snap1_without_self_recurrence_is_the_immediate_jacobian():
     """``h' = tanh(W h + x)`` with a zero diagonal: SnAp-1 keeps ``J[i, W_ij]``, which ``D`` never
     feeds (``D[i, i] = 0``), so the trace is ``I_t`` on the mask at every step."""
     core = _masked_rnn_core(np.array([[0, 1, 1], [1, 0, 0], [1, 1, 0]]))
-    params, carry, xs = _setup(core, steps=4)
     layout = rtrl_jax.snap_layout(core, 1)
     assert layout.pair_out.size == 0 and layout.rows.size == core.num_params
-    mask = np.zeros((core.carry_size, core.num_params))
-    mask[layout.rows, layout.cols] = 1.0
-    np.testing.assert_allclose(
-        _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
-        _masked_rtrl(core, params, carry, xs, mask),
-        atol=1e-12,
-    )
+    _assert_snap1_follows_masked_recursion(core, steps=4)
 
 
 def test_per_parameter_rows_are_compact_and_read_exactly():
@@ -177,21 +179,8 @@ def test_per_parameter_rows_are_compact_and_read_exactly():
     np.testing.assert_array_equal(_read_rows(vector, compact["b"]), [50.0, 30.0, 30.0, 40.0])
 
     core = _masked_rnn_core(W_EXAMPLE)  # diagonal entries: D[i, i] propagates
-    params, carry, xs = _setup(core, steps=5)
-    layout = rtrl_jax.snap_layout(core, 1)
-    mask = np.zeros((core.carry_size, core.num_params))
-    mask[layout.rows, layout.cols] = 1.0
-    np.testing.assert_allclose(
-        _run(core, rtrl_jax.snap(core, 1), params, carry, xs),
-        _masked_rtrl(core, params, carry, xs, mask),
-        atol=1e-12,
-    )
-    immediate_mask = rtrl_jax.sparsity_patterns(core).immediate.toarray().astype(float)
-    np.testing.assert_allclose(
-        _run(core, rtrl_jax.rflo(core, leak=0.6), params, carry, xs),
-        _masked_rtrl(core, params, carry, xs, immediate_mask, leak=0.6),
-        atol=1e-12,
-    )
+    _assert_snap1_follows_masked_recursion(core, steps=5)
+    _assert_rflo_follows_masked_recursion(core, steps=5, leak=0.6)
 
 
 def test_snap_order_two_on_sparse_cell_lies_between():
