@@ -1,6 +1,13 @@
 """rtrl_jax: online training of recurrent networks with RTRL and its approximations, in JAX."""
 
-from rtrl_jax._src.base import CoreFn, Estimator, flatten_core, influence_matrix, tree_size
+from rtrl_jax._src.base import (
+    CoreFn,
+    Estimator,
+    flatten_core,
+    influence_matrix,
+    trace_param_axes,
+    tree_size,
+)
 from rtrl_jax._src.cells import (
     ELSTMCell,
     LeakyRNNCell,
@@ -20,15 +27,18 @@ from rtrl_jax._src.compare import (
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
-from rtrl_jax._src.ok import OKState, ok, ok_reduce
+from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step
 from rtrl_jax._src.registry import (
     EstimatorInfo,
     estimator_options,
+    estimators_for,
     get_estimator_info,
+    is_exact,
     make_estimator,
     register,
     registered,
+    unregister,
 )
 from rtrl_jax._src.rflo import RFLOState, rflo
 from rtrl_jax._src.rtrl import RTRLState, dynamics_and_immediate, rtrl
@@ -47,6 +57,7 @@ from rtrl_jax._src.snap import (
     SparsityPatterns,
     find_units,
     snap,
+    snap_is_exact,
     snap_layout,
     snap_mask,
     snap_mask_from_patterns,
@@ -106,6 +117,7 @@ __all__ = [
     "copy_task",
     "dynamics_and_immediate",
     "estimator_options",
+    "estimators_for",
     "find_units",
     "flatten_core",
     "from_function",
@@ -116,6 +128,7 @@ __all__ = [
     "gradient_bias_variance",
     "gradient_trajectory",
     "influence_matrix",
+    "is_exact",
     "init_train_state",
     "kf_merge",
     "kf_rtrl",
@@ -124,6 +137,7 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "ok",
+    "ok_is_exact",
     "ok_reduce",
     "online_grad",
     "online_step",
@@ -138,15 +152,18 @@ __all__ = [
     "shard_trace",
     "sharded_step",
     "snap",
+    "snap_is_exact",
     "snap_layout",
     "snap_mask",
     "snap_mask_from_patterns",
     "softmax_cross_entropy",
     "sparsity_patterns",
     "tbptt",
+    "trace_param_axes",
     "trace_sharding",
     "train_online",
     "tree_size",
     "unroll",
+    "unregister",
     "uoro",
 ]

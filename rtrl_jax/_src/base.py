@@ -109,6 +109,19 @@ def flatten_core(core: CoreFn, params: Params, carry: Carry) -> FlatCore:
     return FlatCore(apply, unravel_params, unravel_carry)
 
 
+def trace_param_axes(trace: Trace) -> Any:
+    """For each leaf of ``trace``, the axis that runs over parameters, or ``None`` for a trace
+    without one.
+
+    A trace whose leaves hold one row per parameter (exact RTRL's influence blocks) says so with a
+    ``param_axes()`` method on its state type returning, per leaf, the index of that axis (for one
+    stream). Sharding (:mod:`rtrl_jax._src.sharding`) splits those axes across devices; every other
+    trace is split by stream only.
+    """
+    param_axes = getattr(trace, "param_axes", None)
+    return None if param_axes is None else param_axes()
+
+
 def tree_size(tree: Any) -> int:
     """The number of scalars in a pytree of arrays."""
     return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(tree))
@@ -136,3 +149,20 @@ def influence_matrix(estimator: Estimator, trace: Trace, params: Params, carry: 
         return ravel_pytree(estimator.grad(trace, params, unravel_carry(cotangent)))[0]
 
     return jax.vmap(row)(basis)
+
+
+def after(tree: Any, dependencies: Any) -> Any:
+    """``tree`` unchanged, but computed only once ``dependencies`` are.
+
+    Serialises linear algebra that must not run concurrently: on CPU, jaxlib's batched LAPACK
+    kernels split their batch over XLA's intra-op pool and block until the pieces are done, so two
+    started at once on a two-thread pool can each hold a thread and wait for the other (see
+    :mod:`rtrl_jax._src.kronecker`). The result reads one entry
+    of every dependency (``jnp.where(isfinite(token), x, x + token)``, which XLA cannot fold away).
+    ``jax.lax.optimization_barrier`` is not enough: XLA:CPU drops it before scheduling, so two
+    independent LAPACK calls may still run at once."""
+    leaves = [jnp.ravel(leaf)[:1].sum() for leaf in jax.tree.leaves(dependencies)]
+    if not leaves:
+        return tree
+    token = sum(leaves[1:], leaves[0])
+    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(token), x, (x + token).astype(x.dtype)), tree)

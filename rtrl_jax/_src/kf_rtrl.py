@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.kronecker import KroneckerState, kronecker_estimator
+from rtrl_jax._src.kronecker import KroneckerState, kronecker_estimator, unsupported_reason
+from rtrl_jax._src.registry import register
 
 KFRTRLState = KroneckerState
 """The KF-RTRL trace: a :class:`~rtrl_jax.KroneckerState` of rank 1."""
@@ -92,3 +93,12 @@ def kf_rtrl(core) -> Estimator:
       >>> grads = est.grad(trace, params, carry_bar)
     """
     return kronecker_estimator(core, rank=1, reduce=_random_merge, name="KF-RTRL")
+
+
+register(
+    "kf",
+    kf_rtrl,
+    summary="KF-RTRL: one Kronecker factor pair per Dense kernel, random-sign merge",
+    needs_key=True,
+    unsupported_reason=unsupported_reason,
+)

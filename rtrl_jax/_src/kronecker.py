@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.base import Estimator, after
+from rtrl_jax._src.registry import unsupported_message
 
 ReduceFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -192,15 +193,8 @@ def unsupported_reason(core: Any) -> str | None:
 def check_supported(core: Any, estimator_name: str) -> None:
     """Raises ``ValueError`` naming the core and the estimators that can serve it."""
     reason = unsupported_reason(core)
-    if reason is None:
-        return
-    from rtrl_jax._src import registry  # local: the registry imports this module
-
-    able = [e.name for e in registry.registered() if e.unsupported_reason(core) is None]
-    core_name = getattr(core, "name", type(core).__name__)
-    raise ValueError(
-        f"{estimator_name} cannot serve core {core_name!r}: {reason}. Estimators that can: {', '.join(able)}."
-    )
+    if reason is not None:
+        raise ValueError(unsupported_message(estimator_name, core, reason))
 
 
 class _Linearized(NamedTuple):
@@ -292,18 +286,6 @@ def carry_jvp_matvecs(core: Any) -> float:
 
     specs = (core.params_spec, core.carry_spec, x_spec)
     return (flops(carry_jvp, *specs, flat_spec) - flops(step, *specs)) / (2.0 * flat_spec.size**2)
-
-
-def after(tree: Any, dependencies: Any) -> Any:
-    """``tree`` unchanged, but computed only once ``dependencies`` are: the result reads one entry
-    of every dependency (``jnp.where(isfinite(token), x, x + token)``, which XLA cannot fold away).
-    ``jax.lax.optimization_barrier`` is not enough: XLA:CPU drops it before scheduling, so two
-    independent LAPACK calls may still run at once."""
-    leaves = [jnp.ravel(leaf)[:1].sum() for leaf in jax.tree.leaves(dependencies)]
-    if not leaves:
-        return tree
-    token = sum(leaves[1:], leaves[0])
-    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(token), x, (x + token).astype(x.dtype)), tree)
 
 
 def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) -> Estimator:

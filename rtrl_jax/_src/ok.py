@@ -39,8 +39,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.kronecker import KroneckerState, after, kronecker_estimator
+from rtrl_jax._src.base import Estimator, after
+from rtrl_jax._src.kronecker import KroneckerState, kronecker_estimator, kronecker_layout, unsupported_reason
+from rtrl_jax._src.registry import register
 
 OKState = KroneckerState
 """The r-OK trace: a :class:`~rtrl_jax.KroneckerState` of rank r."""
@@ -139,3 +140,20 @@ def ok(core, *, rank: int = 1) -> Estimator:
         return ok_reduce(u, a, jax.random.rademacher(key, (rank + 1,), dtype=u.dtype), rank)
 
     return kronecker_estimator(core, rank=rank, reduce=reduce, name=f"{rank}-OK")
+
+
+def ok_is_exact(core, *, rank: int = 1) -> bool:
+    """Whether ``ok(core, rank=rank)`` is exact RTRL: ``rank`` reaches every factored kernel's input
+    size, the largest rank its influence ``Σ_q vec(A_q) u_qᵀ`` can have, so no reduction drops
+    anything."""
+    return all(rank >= kernel.in_size for kernel in kronecker_layout(core).kernels)
+
+
+register(
+    "ok",
+    ok,
+    summary="r-OK: r Kronecker terms per Dense kernel, optimal unbiased reduction",
+    needs_key=True,
+    unsupported_reason=unsupported_reason,
+    exact_for=ok_is_exact,
+)

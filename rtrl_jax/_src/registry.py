@@ -1,20 +1,37 @@
-"""The estimator registry: pick an estimator by name, with its options, for a given core."""
+"""The estimator registry: every estimator by name, with what generic code needs to know about it.
+
+Each estimator module registers itself with :func:`register` next to its factory, so adding an
+estimator is its file, one ``register`` call and its own tests. An entry
+(:class:`EstimatorInfo`) carries everything that code above the estimators would otherwise switch on
+a name for:
+
+- ``unsupported_reason(core)``: which cores it can serve (the CLI's listing, config validation and
+  the error of :func:`make_estimator` all read it);
+- ``needs_key``: whether ``init``/``step`` need ``key=``;
+- ``options``: its keyword options with their defaults, read off the factory's signature, so each
+  default lives in one place (the factory);
+- ``exact_for(core, **options)``: whether its per-step gradient ``c_t · J_t`` is exact RTRL for that
+  core and those options (the conformance suite holds every entry to it, both ways);
+- ``example_options``: options that build it on every core it serves (e.g. RFLO's ``leak`` for
+  cells without one), for listings and the conformance suite.
+
+How a trace shards across devices is told by its state type (``param_axes``, see
+:func:`rtrl_jax._src.base.trace_param_axes`), so sharding needs no entry here.
+
+This module imports no estimator: the estimator modules import it.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from rtrl_jax._src import kronecker
 from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.kf_rtrl import kf_rtrl
-from rtrl_jax._src.ok import ok
-from rtrl_jax._src.rflo import rflo
-from rtrl_jax._src.rtrl import rtrl
-from rtrl_jax._src.snap import snap, snap_unsupported_reason
-from rtrl_jax._src.tbptt import tbptt
-from rtrl_jax._src.uoro import uoro
+
+REQUIRED = inspect.Parameter.empty
+"""The default of an option that has none (:func:`estimator_options`)."""
 
 
 class EstimatorInfo(NamedTuple):
@@ -26,20 +43,49 @@ class EstimatorInfo(NamedTuple):
       summary: one line for listings.
       unsupported_reason: ``core -> str | None``: why the estimator cannot serve ``core``, or
         ``None`` when it can.
+      needs_key: whether ``init`` and ``step`` need a random ``key=`` (stochastic estimators); a
+        deterministic one accepts and ignores a key.
+      options: ``{option: default}`` of ``make``'s keyword options (:data:`REQUIRED` for an option
+        without a default).
+      exact_for: ``(core, **options) -> bool``: whether the per-step gradient equals exact RTRL's
+        (BPTT's) for that core and options; options left out take their defaults.
+      example_options: options that build the estimator on every core it serves.
     """
 
     name: str
     make: Callable[..., Estimator]
     summary: str
     unsupported_reason: Callable[[Any], str | None]
+    needs_key: bool
+    options: Mapping[str, Any]
+    exact_for: Callable[..., bool]
+    example_options: Mapping[str, Any]
 
 
 _REGISTRY: dict[str, EstimatorInfo] = {}
 
 
-def _serves_any(core: Any) -> str | None:
+def serves_any(core: Any) -> str | None:
+    """The ``unsupported_reason`` of an estimator that serves every core."""
     del core
     return None
+
+
+def never_exact(core: Any, **options: Any) -> bool:
+    """The ``exact_for`` of an estimator that is never exact RTRL."""
+    del core, options
+    return False
+
+
+def always_exact(core: Any, **options: Any) -> bool:
+    """The ``exact_for`` of an estimator that is exact RTRL for every core it serves."""
+    del core, options
+    return True
+
+
+def _signature_options(make: Callable[..., Estimator]) -> dict[str, Any]:
+    parameters = list(inspect.signature(make).parameters.values())[1:]  # the first is the core
+    return {p.name: p.default for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def register(
@@ -47,12 +93,58 @@ def register(
     make: Callable[..., Estimator],
     *,
     summary: str,
-    unsupported_reason: Callable[[Any], str | None] = _serves_any,
-) -> None:
-    """Adds an estimator factory ``make(core, **options)`` to the registry under ``name``."""
+    needs_key: bool = False,
+    unsupported_reason: Callable[[Any], str | None] = serves_any,
+    exact_for: Callable[..., bool] = never_exact,
+    example_options: Mapping[str, Any] | None = None,
+) -> EstimatorInfo:
+    """Adds the estimator factory ``make(core, **options)`` to the registry under ``name``.
+
+    Its options and their defaults are read off ``make``'s signature (every parameter after the
+    core). See :class:`EstimatorInfo` for the other fields.
+
+    Example::
+
+        def zero(core):
+            return Estimator(init=lambda params, carry, *, key=None: (),
+                             step=lambda trace, params, carry, x, *, key=None: (*core(params, carry, x), ()),
+                             grad=lambda trace, params, carry_bar: jax.tree.map(jnp.zeros_like, params))
+
+        register("zero", zero, summary="no gradient at all")
+
+    Returns:
+      The new entry.
+
+    Raises:
+      ValueError: ``name`` is taken, or ``example_options`` names an option ``make`` does not take.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an estimator name must be a non-empty string, got {name!r}.")
     if name in _REGISTRY:
         raise ValueError(f"an estimator named {name!r} is already registered.")
-    _REGISTRY[name] = EstimatorInfo(name, make, summary, unsupported_reason)
+    options = _signature_options(make)
+    example_options = dict(example_options or {})
+    unknown = sorted(set(example_options) - set(options))
+    if unknown:
+        raise ValueError(f"example_options {unknown} of {name!r} are not options of its factory.")
+    info = EstimatorInfo(
+        name=name,
+        make=make,
+        summary=summary,
+        unsupported_reason=unsupported_reason,
+        needs_key=bool(needs_key),
+        options=MappingProxyType(options),
+        exact_for=exact_for,
+        example_options=MappingProxyType(example_options),
+    )
+    _REGISTRY[name] = info
+    return info
+
+
+def unregister(name: str) -> None:
+    """Removes ``name`` from the registry (for estimators registered for a while, e.g. in tests)."""
+    get_estimator_info(name)
+    del _REGISTRY[name]
 
 
 def registered() -> list[EstimatorInfo]:
@@ -68,14 +160,24 @@ def get_estimator_info(name: str) -> EstimatorInfo:
 
 
 def estimator_options(name: str) -> dict[str, Any]:
-    """The keyword options of the estimator ``name`` with their defaults (``inspect.Parameter.empty``
-    for required ones)."""
-    signature = inspect.signature(get_estimator_info(name).make)
-    return {
-        p.name: p.default
-        for p in list(signature.parameters.values())[1:]
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
+    """The keyword options of the estimator ``name`` with their defaults (:data:`REQUIRED` for
+    required ones)."""
+    return dict(get_estimator_info(name).options)
+
+
+def estimators_for(core: Any) -> list[str]:
+    """The names of the registered estimators that can serve ``core``."""
+    return [info.name for info in registered() if info.unsupported_reason(core) is None]
+
+
+def unsupported_message(name: str, core: Any, reason: str) -> str:
+    """The error for estimator ``name`` refusing ``core`` for ``reason``: names the core, the reason
+    and the estimators that can serve it."""
+    core_name = getattr(core, "name", type(core).__name__)
+    return (
+        f"estimator {name!r} cannot serve core {core_name!r}: {reason}. "
+        f"Estimators that can: {', '.join(estimators_for(core))}."
+    )
 
 
 def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
@@ -86,49 +188,17 @@ def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
         core (the message names the core and the estimators that can).
     """
     info = get_estimator_info(name)
-    allowed = estimator_options(name)
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted(set(options) - set(info.options))
     if unknown:
-        raise ValueError(f"estimator {name!r} has no option(s) {unknown}; its options: {sorted(allowed)}.")
+        raise ValueError(
+            f"estimator {name!r} has no option(s) {unknown}; its options: {sorted(info.options)}."
+        )
     reason = info.unsupported_reason(core)
     if reason is not None:
-        able = [e.name for e in registered() if e.unsupported_reason(core) is None]
-        core_name = getattr(core, "name", type(core).__name__)
-        raise ValueError(
-            f"estimator {name!r} cannot serve core {core_name!r}: {reason}. "
-            f"Estimators that can: {', '.join(able)}."
-        )
+        raise ValueError(unsupported_message(name, core, reason))
     return info.make(core, **options)
 
 
-register("rtrl", rtrl, summary="exact RTRL: dense influence matrix, forward-mode autodiff")
-register(
-    "tbptt",
-    lambda core, window=10, aligned=False: tbptt(core, window, aligned=aligned),
-    summary="truncated BPTT over a sliding (or aligned) window of k steps",
-)
-register(
-    "snap",
-    snap,
-    summary="SnAp-n: RTRL on the entries a parameter reaches in n steps (SnAp-1: O(P) trace)",
-    unsupported_reason=snap_unsupported_reason,
-)
-register(
-    "rflo",
-    rflo,
-    summary="RFLO / e-prop: SnAp-1-shaped trace with the dynamics replaced by a leak",
-    unsupported_reason=snap_unsupported_reason,
-)
-register("uoro", uoro, summary="UORO: unbiased rank-one trace, one jvp + one vjp per step")
-register(
-    "kf",
-    kf_rtrl,
-    summary="KF-RTRL: one Kronecker factor pair per Dense kernel, random-sign merge",
-    unsupported_reason=kronecker.unsupported_reason,
-)
-register(
-    "ok",
-    ok,
-    summary="r-OK: r Kronecker terms per Dense kernel, optimal unbiased reduction",
-    unsupported_reason=kronecker.unsupported_reason,
-)
+def is_exact(name: str, core: Any, **options: Any) -> bool:
+    """Whether estimator ``name`` with ``options`` computes exact RTRL gradients for ``core``."""
+    return bool(get_estimator_info(name).exact_for(core, **options))

@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.registry import register
 from rtrl_jax._src.snap import (
     SnapState,
     _sparse_trace_estimator,
     layout_from_mask,
+    snap_unsupported_reason,
     sparsity_patterns,
 )
 
@@ -89,3 +91,12 @@ def rflo(
     patterns = sparsity_patterns(core, num_probes=num_probes, seed=seed)
     layout = layout_from_mask(patterns.immediate, patterns.immediate, patterns.dynamics, propagate=False)
     return _sparse_trace_estimator(core, layout, leak=alpha)
+
+
+register(
+    "rflo",
+    rflo,
+    summary="RFLO / e-prop: SnAp-1-shaped trace with the dynamics replaced by a leak",
+    unsupported_reason=snap_unsupported_reason,
+    example_options={"leak": 0.5},
+)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rtrl_jax._src.base import CoreFn, Estimator
+from rtrl_jax._src.registry import always_exact, register
 
 
 class RTRLState(NamedTuple):
@@ -61,6 +62,10 @@ class RTRLState(NamedTuple):
     """
 
     influence: Any
+
+    def param_axes(self) -> RTRLState:
+        """Axis 0 of every influence block runs over its parameters (its rows)."""
+        return RTRLState(jax.tree.map(lambda _: 0, self.influence))
 
 
 def dynamics_and_immediate(core: CoreFn, params, carry, x):
@@ -159,3 +164,8 @@ def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
         )
 
     return Estimator(init, step, grad)
+
+
+register(
+    "rtrl", rtrl, summary="exact RTRL: dense influence matrix, forward-mode autodiff", exact_for=always_exact
+)

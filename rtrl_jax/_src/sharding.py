@@ -40,8 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rtrl_jax._src.base import Estimator, Trace
-from rtrl_jax._src.rtrl import RTRLState
+from rtrl_jax._src.base import Estimator, Trace, trace_param_axes
 
 DATA_AXIS = "data"
 PARAM_AXIS = "params"
@@ -103,7 +102,8 @@ def batch_sharding(mesh: Mesh, tree: Any, *, batched: bool = True) -> Any:
 def trace_sharding(mesh: Mesh, trace: Trace, *, batched: bool = False) -> Any:
     """Shardings for an estimator's trace.
 
-    RTRL's influence blocks are sharded along their parameter rows (``"params"``); every other trace
+    Leaves with an axis over parameters (:func:`~rtrl_jax._src.base.trace_param_axes`: RTRL's
+    influence blocks, along their rows) are sharded along it (``"params"``); every other trace
     leaf only along the batch axis. With ``batched`` the leading axis of every leaf is the stream
     axis and goes along ``"data"``. Dimensions that a mesh axis does not divide are replicated.
 
@@ -115,11 +115,15 @@ def trace_sharding(mesh: Mesh, trace: Trace, *, batched: bool = False) -> Any:
     Returns:
       A pytree of ``NamedSharding`` with the structure of ``trace``.
     """
+    param_axes = trace_param_axes(trace)
+    if param_axes is None:
+        return batch_sharding(mesh, trace, batched=batched)
     lead = (DATA_AXIS,) if batched else ()
-    if isinstance(trace, RTRLState):
-        axes = (*lead, PARAM_AXIS, None)
-        return RTRLState(jax.tree.map(lambda block: _spec(mesh, np.shape(block), axes), trace.influence))
-    return batch_sharding(mesh, trace, batched=batched)
+
+    def leaf_sharding(leaf, axis):
+        return _spec(mesh, np.shape(leaf), (*lead, *([None] * axis), PARAM_AXIS))
+
+    return jax.tree.map(leaf_sharding, trace, param_axes)
 
 
 def shard_trace(trace: Trace, mesh: Mesh, *, batched: bool = False) -> Trace:

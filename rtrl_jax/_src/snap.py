@@ -59,6 +59,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.sparse.csgraph import connected_components
 
 from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.registry import register
 
 _ROW_CHUNK_ELEMENTS = 1 << 24
 
@@ -638,3 +639,33 @@ def snap_unsupported_reason(core: Any) -> str | None:
     if all(hasattr(core, name) for name in ("params_spec", "carry_spec", "input_shape")):
         return None
     return "it needs an rtrl_jax.Core (its specs give the sparsity pattern)"
+
+
+def snap_is_exact(
+    core: Any,
+    n: int = 1,
+    *,
+    units: Any = "auto",
+    num_probes: int = 3,
+    seed: int = 0,
+) -> bool:
+    """Whether ``snap(core, n, ...)`` is exact RTRL: its mask ``M_n`` already holds every entry
+    that parameters reach in any number of steps (``M_n`` has stopped growing).
+
+    True for SnAp-1 of element-wise recurrences and for ``n`` past the recurrent graph's diameter.
+    """
+    patterns = sparsity_patterns(core, num_probes=num_probes, seed=seed)
+    mask = snap_mask_from_patterns(patterns.immediate, patterns.dynamics, n, units=units)
+    closure = snap_mask_from_patterns(
+        patterns.immediate, patterns.dynamics, patterns.immediate.shape[0] + 1, units=units
+    )
+    return (closure != mask).nnz == 0
+
+
+register(
+    "snap",
+    snap,
+    summary="SnAp-n: RTRL on the entries a parameter reaches in n steps (SnAp-1: O(P) trace)",
+    unsupported_reason=snap_unsupported_reason,
+    exact_for=snap_is_exact,
+)

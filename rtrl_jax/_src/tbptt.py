@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rtrl_jax._src.base import Carry, CoreFn, Estimator, Params
+from rtrl_jax._src.registry import register
 
 
 class TBPTTState(NamedTuple):
@@ -94,7 +95,7 @@ def _push(stack: Any, item: Any) -> Any:
 
 def tbptt(
     core: CoreFn,
-    window: int,
+    window: int = 10,
     *,
     aligned: bool = False,
     input_spec: jax.ShapeDtypeStruct | None = None,
@@ -156,3 +157,6 @@ def tbptt(
         return vjp(carry_bar)[0]
 
     return Estimator(init, step, grad)
+
+
+register("tbptt", tbptt, summary="truncated BPTT over a sliding (or aligned) window of k steps")

@@ -22,6 +22,7 @@ flags, :func:`nonfinite_names`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,10 +32,12 @@ import numpy as np
 import optax
 
 from rtrl_jax._src.base import Estimator, Params
-from rtrl_jax._src.config import NONFINITE_POLICIES
 from rtrl_jax._src.cores import Core
 from rtrl_jax._src.online import online_grad
 from rtrl_jax._src.tasks import Stream
+
+NONFINITE_POLICIES = ("skip", "stop", "ignore")
+"""What a step with a non-finite value does: see :func:`make_train_step`."""
 
 
 class Head(NamedTuple):
@@ -61,6 +64,9 @@ def linear_head() -> Head:
         return out @ head_params["kernel"] + head_params["bias"]
 
     return Head(init, apply)
+
+
+_LINEAR_HEAD = linear_head()
 
 
 def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -211,9 +217,8 @@ def make_train_step(
       ``train_step(state, batch) -> (state, metrics)`` where ``batch`` is a :class:`Stream` slice
       for one time step (leading axis batch). Pure; jit it or scan it.
     """
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}.")
-    head = head or linear_head()
+    _check_policy(nonfinite)
+    head = head or _LINEAR_HEAD
 
     def stream_step(params, trace, carry, x, target, weight, key):
         new_carry, out, new_trace = estimator.step(trace, params["core"], carry, x, key=key)
@@ -278,24 +283,47 @@ def make_train_step(
         )
         return new_state, metrics
 
-    train_step.nonfinite = nonfinite
-
     return train_step
 
 
-def make_train_chunk(
-    train_step: Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]],
-) -> Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]]:
-    """Many steps in one jitted ``jax.lax.scan``.
+def _check_policy(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}.")
 
-    For a ``train_step`` made with ``nonfinite="stop"``, the steps after a non-finite one leave the
-    state as it is (so ``state.step`` tells where the chunk halted) and report zero metrics.
+
+def make_train_chunk(
+    core: Core,
+    estimator: Estimator,
+    optimizer: optax.GradientTransformation,
+    *,
+    head: Head | None = None,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    nonfinite: str = "skip",
+) -> Callable[[OnlineTrainState, Stream], tuple[OnlineTrainState, StepMetrics]]:
+    """Many steps of :func:`make_train_step` in one jitted ``jax.lax.scan``.
+
+    Under ``nonfinite="stop"`` the steps after a non-finite one leave the state as it is (so
+    ``state.step`` tells where the chunk halted) and report zero metrics.
+
+    The result is cached on its arguments (the core, estimator, optimizer, head and loss function
+    are compared by identity), so calling this, or :func:`train_online`, again with the same ones
+    returns the same jitted function: same shapes, no new compilation.
 
     Returns:
       ``train_chunk(state, stream) -> (state, metrics)`` for a stream with axes (batch, time, ...)
       and metrics with a leading time axis.
     """
-    stop = getattr(train_step, "nonfinite", None) == "stop"
+    arguments = (core, estimator, optimizer, head, loss_fn, nonfinite)
+    try:
+        hash(arguments)
+    except TypeError:  # an unhashable optimizer or loss: build a fresh chunk
+        return _train_chunk(*arguments)
+    return _cached_train_chunk(*arguments)
+
+
+def _train_chunk(core, estimator, optimizer, head, loss_fn, nonfinite):
+    train_step = make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite)
+    stop = nonfinite == "stop"
 
     def halting_step(carry, batch):
         state, halted = carry
@@ -316,6 +344,9 @@ def make_train_chunk(
         return state, metrics
 
     return train_chunk
+
+
+_cached_train_chunk = functools.lru_cache(maxsize=64)(_train_chunk)
 
 
 def train_online(
@@ -362,10 +393,12 @@ def train_online(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    _check_policy(nonfinite)
     dtype = jnp.result_type(*jax.tree.leaves(state.params))
     stream = stream._replace(inputs=stream.inputs.astype(dtype), targets=stream.targets.astype(dtype))
-    train_step = make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite)
-    train_chunk = make_train_chunk(train_step)
+    train_chunk = make_train_chunk(
+        core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite
+    )
     collected = []
     start = int(state.step)
     if start > num_steps:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rtrl_jax._src.base import CoreFn, Estimator
+from rtrl_jax._src.registry import register
 
 
 class UOROState(NamedTuple):
@@ -109,3 +110,6 @@ def uoro(core: CoreFn, *, epsilon: float = 1e-7) -> Estimator:
         return jax.tree.map(lambda f, p: (scale * f).astype(jnp.result_type(p)), trace.params_factor, params)
 
     return Estimator(init, step, grad)
+
+
+register("uoro", uoro, summary="UORO: unbiased rank-one trace, one jvp + one vjp per step", needs_key=True)
