@@ -28,7 +28,7 @@ from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, 
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
 from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
-from rtrl_jax._src.online import carry_cotangent, online_grad, online_step
+from rtrl_jax._src.online import carry_cotangent, online_grad, online_step, rollout
 from rtrl_jax._src.registry import (
     EstimatorInfo,
     estimator_options,
@@ -146,6 +146,7 @@ __all__ = [
     "register",
     "registered",
     "rflo",
+    "rollout",
     "rtrl",
     "sample_batch",
     "shard_batch",

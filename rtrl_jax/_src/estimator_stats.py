@@ -14,22 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from rtrl_jax._src.base import Estimator, influence_matrix
+from rtrl_jax._src.online import rollout
 
 
 def final_influence(
     estimator: Estimator, params: Any, carry: Any, inputs: jax.Array, key: jax.Array
 ) -> jax.Array:
     """The dense ``S × P`` influence of ``estimator``'s trace after the steps ``inputs`` (T, ...)."""
-    trace = estimator.init(params, carry, key=jax.random.fold_in(key, 0))
-
-    def body(state, step):
-        carry, trace = state
-        x, step_key = step
-        carry, _, trace = estimator.step(trace, params, carry, x, key=step_key)
-        return (carry, trace), None
-
-    keys = jax.random.split(jax.random.fold_in(key, 1), inputs.shape[0])
-    (carry, trace), _ = jax.lax.scan(body, (carry, trace), (inputs, keys))
+    carry, trace, _ = rollout(estimator, params, carry, inputs, key=key)
     return influence_matrix(estimator, trace, params, carry)
 
 

@@ -7,11 +7,12 @@ turns ``c_t`` into the gradient estimate ``c_t · J_t``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from rtrl_jax._src.base import Carry, Estimator, Params, Trace
+from rtrl_jax._src.base import Carry, Estimator, Input, Output, Params, PRNGKey, Trace
 
 
 def carry_cotangent(core: Any, carry: Carry, out_bar: Any, carry_bar: Carry | None = None) -> Carry:
@@ -47,6 +48,55 @@ def online_grad(
     ``trace`` and ``carry`` are those returned by the same ``estimator.step``.
     """
     return estimator.grad(trace, params, carry_cotangent(core, carry, out_bar, carry_bar))
+
+
+def rollout(
+    estimator: Estimator,
+    params: Params,
+    carry: Carry,
+    inputs: Input,
+    *,
+    key: PRNGKey | None = None,
+    emit: Callable[[Carry, Output, Trace], Any] | None = None,
+) -> tuple[Carry, Trace, Any]:
+    """Runs ``estimator`` from a fresh trace over a stream with fixed parameters, in ``lax.scan``.
+
+    The random keys follow one convention: ``init`` gets ``fold_in(key, 0)`` and step ``t`` the
+    ``t``-th of ``split(fold_in(key, 1), T)``; without ``key`` every call gets ``None`` (for
+    deterministic estimators).
+
+    Args:
+      estimator: any estimator.
+      params: the core's parameters (held fixed).
+      carry: the initial carry.
+      inputs: the stream's inputs, leading axis time ``T``.
+      key: the random key of the run, or ``None``.
+      emit: ``(carry, out, trace) -> y``, evaluated after every step; the ``y`` are stacked along
+        a leading time axis (e.g. the per-step online gradient of a step loss).
+
+    Returns:
+      ``(final carry, final trace, emitted)``, ``emitted`` ``None`` without ``emit``. Pure; jit it.
+
+    Example::
+
+        def step_grad(carry, out, trace):
+            return online_grad(core, est, trace, params, carry, jax.grad(loss)(out))
+
+        carry, trace, grads = rollout(est, params, carry, xs, key=key, emit=step_grad)
+    """
+    num_steps = jax.tree.leaves(inputs)[0].shape[0]
+    init_key = None if key is None else jax.random.fold_in(key, 0)
+    step_keys = None if key is None else jax.random.split(jax.random.fold_in(key, 1), num_steps)
+
+    def body(state, step):
+        carry, trace = state
+        x, step_key = step
+        carry, out, trace = estimator.step(trace, params, carry, x, key=step_key)
+        return (carry, trace), (None if emit is None else emit(carry, out, trace))
+
+    trace = estimator.init(params, carry, key=init_key)
+    (carry, trace), emitted = jax.lax.scan(body, (carry, trace), (inputs, step_keys))
+    return carry, trace, emitted
 
 
 def online_step(core: Any, estimator: Estimator):
