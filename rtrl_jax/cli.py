@@ -1,4 +1,4 @@
-"""The ``rtrl-jax`` command line.
+"""The ``rtrl-jax`` command line, a thin parser over :mod:`rtrl_jax.experiment`.
 
 - ``rtrl-jax train [CONFIG] [key=value ...] [--out DIR]``: an online training job (the embedded
   default without CONFIG: copy task, a small GRU, exact RTRL). Ctrl-C or SIGTERM saves a checkpoint;
@@ -17,18 +17,18 @@ import json
 import sys
 from pathlib import Path
 
-from rtrl_jax._src.config import ConfigError, load_config
+from rtrl_jax import experiment
+from rtrl_jax._src.registry import registered
+from rtrl_jax.experiment import ConfigError
 
 
-def _default_out(config) -> Path:
+def _default_out(config: experiment.RunConfig) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{config.task}-{config.estimator}"
 
 
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
-    from rtrl_jax._src.run import RunError, run_training
 
     if args.resume:
         if args.config or args.overrides or args.out:
@@ -39,10 +39,11 @@ def _train(args: argparse.Namespace) -> int:
         out_dir = Path(args.resume)
         if not (out_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: {str(out_dir)!r} is not a run folder (no config.yaml).")
-        config = load_config(out_dir / "config.yaml")
+        config = experiment.load_config(out_dir / "config.yaml")
     else:
-        config = load_config(args.config, args.overrides)
+        config = experiment.load_config(args.config, args.overrides)
         out_dir = Path(args.out) if args.out else _default_out(config)
+    built = experiment.build(config)
     print(
         f"rtrl-jax train: task={config.task} cell={config.model.cell} hidden={config.model.hidden} "
         f"estimator={config.estimator} steps={config.train.steps} batch={config.train.batch_size}"
@@ -59,8 +60,8 @@ def _train(args: argparse.Namespace) -> int:
             bar.set_postfix(postfix)
 
         try:
-            summary = run_training(config, out_dir, on_chunk=on_chunk, resume=bool(args.resume))
-        except RunError as error:
+            summary = experiment.run_training(built, out_dir, on_chunk=on_chunk, resume=bool(args.resume))
+        except experiment.RunError as error:
             print(f"rtrl-jax: {error}", file=sys.stderr)
             return 2
     print(json.dumps(summary, indent=2))
@@ -79,10 +80,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from rtrl_jax._src.plot import plot_run
-
     try:
-        path = plot_run(args.run_dir, args.out)
+        path = experiment.plot_run(args.run_dir, args.out)
     except FileNotFoundError as error:
         print(f"rtrl-jax: {error}", file=sys.stderr)
         return 2
@@ -92,11 +91,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _estimators(args: argparse.Namespace) -> int:
     del args
-    from rtrl_jax._src.config import ModelConfig, RunConfig
-    from rtrl_jax._src.models import CELLS, build_core
-    from rtrl_jax._src.registry import registered
-
-    cores = {name: build_core(RunConfig(model=ModelConfig(cell=name, hidden=4)), 2) for name in CELLS}
+    cores = {name: experiment.build_core(experiment.ModelConfig(name, 4), 2) for name in experiment.CELLS}
     for info in registered():
         cells = [name for name, core in cores.items() if info.unsupported_reason(core) is None]
         print(f"{info.name:10s} {info.summary}")
@@ -105,15 +100,11 @@ def _estimators(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rtrl_jax._src.compare import load_compare_config, run_compare
-
-    config = load_compare_config(args.config, args.overrides)
-    out_dir = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-compare-{config.task}")
-    )
-    document = run_compare(config, out_dir)
+    config = experiment.load_compare_config(args.config, args.overrides)
+    job = experiment.build(config)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("runs") / f"{stamp}-compare-{config.task}"
+    document = experiment.run_compare(job, out_dir)
     print((out_dir / "compare.md").read_text())
     print(f"wrote {out_dir / 'compare.json'}, compare.md, compare.png ({document['wall_s']:.1f} s)")
     return 0

@@ -5,22 +5,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rtrl_jax._src.benchmarks_learning import (
-    influence_balancing_core,
-    load_benchmark_config,
-    run_benchmark,
-)
-from rtrl_jax._src.config import ConfigError
+from rtrl_jax.experiment import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from learning import influence_balancing_core, load_benchmark_config, run_benchmark  # noqa: E402
 
 
-def test_influence_balancing_core_has_the_papers_fixed_point():
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def test_influence_balancing_core_has_the_papers_fixed_point(x64):
     core, params, carry = influence_balancing_core(dtype=jnp.float64)
     s = carry
     for _ in range(400):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rtrl_jax._src.config import ConfigError, RunConfig, load_config, to_dict
 from rtrl_jax.cli import main
+from rtrl_jax.experiment import ConfigError, RunConfig, build, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,7 +33,7 @@ def test_shipped_configs_are_valid():
     paths = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("compare_", "bench_")))
     assert paths
     for path in paths:
-        load_config(path)
+        build(load_config(path))
 
 
 def test_default_config_file_is_the_embedded_default():
@@ -71,7 +71,7 @@ def test_overrides_are_typed():
 )
 def test_invalid_config_values_are_rejected_with_the_key(overrides, named):
     with pytest.raises(ConfigError, match=named):
-        load_config(None, overrides)
+        build(load_config(None, overrides))
 
 
 def test_cli_reports_invalid_config_without_a_traceback(capsys):

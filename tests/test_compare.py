@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import pytest
 
 from rtrl_jax import from_linen, kf_rtrl, ok, rtrl, uoro
-from rtrl_jax._src.compare import (
-    compare_gradients,
-    gradient_alignment,
-    gradient_bias_variance,
-    load_compare_config,
-    window_sums,
-)
-from rtrl_jax._src.config import ConfigError
+from rtrl_jax._src.compare import compare_gradients, gradient_alignment, gradient_bias_variance, window_sums
 from rtrl_jax.cli import main
+from rtrl_jax.experiment import ConfigError, load_compare_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
 
 
 def _setup(hidden=6, steps=120, learnable=False):
@@ -36,7 +36,7 @@ def _setup(hidden=6, steps=120, learnable=False):
     return core, params, carry, xs, ys, loss_fn
 
 
-def test_exact_rtrl_aligns_with_itself_and_uoro_rises_with_the_window():
+def test_exact_rtrl_aligns_with_itself_and_uoro_rises_with_the_window(x64):
     core, params, carry, xs, ys, loss_fn = _setup()
     result = compare_gradients(
         core,
@@ -64,7 +64,7 @@ def test_exact_rtrl_aligns_with_itself_and_uoro_rises_with_the_window():
     assert result.loss.shape == (6, 120)
 
 
-def test_training_by_an_estimator_moves_the_parameters():
+def test_training_by_an_estimator_moves_the_parameters(x64):
     core, params, carry, xs, ys, loss_fn = _setup(steps=60, learnable=True)
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
     frozen = compare_gradients(core, {"u": uoro(core)}, rtrl(core), params, carry, xs, ys, loss_fn, keys=keys)

@@ -18,9 +18,6 @@ import pytest
 
 import rtrl_jax as rj
 from rtrl_jax._src import tasks
-from rtrl_jax._src.checkpoint import CheckpointWarning
-from rtrl_jax._src.config import ConfigError, load_config
-from rtrl_jax._src.run import restore_final_state, run_training
 from rtrl_jax._src.trainer import (
     NonFiniteError,
     init_train_state,
@@ -29,6 +26,14 @@ from rtrl_jax._src.trainer import (
     train_online,
 )
 from rtrl_jax.cli import main
+from rtrl_jax.experiment import (
+    CheckpointWarning,
+    ConfigError,
+    build,
+    load_config,
+    restore_final_state,
+    run_training,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["task=add", "model.hidden=4", "train.batch_size=2", "train.steps=60", "train.chunk_size=10"]
@@ -106,26 +111,26 @@ def test_huge_learning_rate_goes_on_under_skip_and_stops_under_stop(tmp_path, ca
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """An uninterrupted kf run with checkpoints every 20 steps."""
-    config = load_config(None, [*SMALL, "estimator=kf", "train.checkpoint_every=20"])
+    """An uninterrupted kf run with checkpoints every 20 steps (and its built experiment)."""
+    experiment = build(load_config(None, [*SMALL, "estimator=kf", "train.checkpoint_every=20"]))
     out = tmp_path_factory.mktemp("full") / "run"
-    summary = run_training(config, out)
+    summary = run_training(experiment, out)
     assert summary["status"] == "finished"
-    return config, out, restore_final_state(out)
+    return experiment, out, restore_final_state(out)
 
 
 def test_interrupted_run_resumes_bitwise(full_run, tmp_path):
-    config, _, reference = full_run
+    experiment, _, reference = full_run
     out = tmp_path / "cut"
 
     def interrupt(steps_done, info):
         if steps_done == 30:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    summary = run_training(config, out, on_chunk=interrupt)
+    summary = run_training(experiment, out, on_chunk=interrupt)
     assert summary["status"] == "interrupted" and summary["steps"] == 30
     assert summary["interrupt"] == {"signal": "SIGTERM"}
-    resumed = run_training(config, out, resume=True)
+    resumed = run_training(experiment, out, resume=True)
     assert resumed["status"] == "finished" and resumed["resumed_from"] == 30
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 61))
@@ -133,7 +138,7 @@ def test_interrupted_run_resumes_bitwise(full_run, tmp_path):
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(full_run, tmp_path):
-    config, source, reference = full_run
+    experiment, source, reference = full_run
     out = tmp_path / "copy"
     shutil.copytree(source, out)
     checkpoints = out / "checkpoints"
@@ -143,7 +148,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(full_run, tmp_path):
             path.write_bytes(b"\0" * 7)
     (checkpoints / "80.orbax-checkpoint-tmp-1").mkdir()  # an unfinished write
     with pytest.warns(CheckpointWarning, match="step 60"):
-        summary = run_training(config, out, resume=True)
+        summary = run_training(experiment, out, resume=True)
     assert summary["resumed_from"] == 40 and summary["steps"] == 60
     assert (out / "corrupt_checkpoints" / "60").is_dir()
     _assert_same_leaves(restore_final_state(out), reference)
@@ -200,15 +205,17 @@ def test_killed_subprocess_resumes_to_the_same_parameters(tmp_path):
 @pytest.mark.parametrize("estimator", ["rtrl", "tbptt", "snap", "rflo", "ok"])  # kf, uoro: above
 def test_every_estimator_resumes_bitwise(estimator, tmp_path):
     extra = ["model.cell=leaky"] if estimator == "rflo" else []
-    config = load_config(None, [*SMALL, f"estimator={estimator}", "train.checkpoint_every=20", *extra])
-    run_training(config, tmp_path / "full")
+    experiment = build(
+        load_config(None, [*SMALL, f"estimator={estimator}", "train.checkpoint_every=20", *extra])
+    )
+    run_training(experiment, tmp_path / "full")
 
     def interrupt(steps_done, info):
         if steps_done == 30:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert run_training(config, tmp_path / "cut", on_chunk=interrupt)["status"] == "interrupted"
-    assert run_training(config, tmp_path / "cut", resume=True)["resumed_from"] == 30
+    assert run_training(experiment, tmp_path / "cut", on_chunk=interrupt)["status"] == "interrupted"
+    assert run_training(experiment, tmp_path / "cut", resume=True)["resumed_from"] == 30
     _assert_same_leaves(restore_final_state(tmp_path / "cut"), restore_final_state(tmp_path / "full"))
 
 
@@ -243,7 +250,7 @@ def test_plot_writes_a_png(full_run, tmp_path, capsys):
 )
 def test_rejected_values_name_the_key(overrides, named):
     with pytest.raises(ConfigError, match=named):
-        load_config(None, overrides)
+        build(load_config(None, overrides))
 
 
 def test_resume_rejects_overrides_and_non_run_folders(tmp_path, capsys):

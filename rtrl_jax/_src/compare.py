@@ -24,7 +24,6 @@ arXiv:1907.02649); Benzing et al. 2019 (variance against bias, arXiv:1902.03993)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -33,9 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.config import ModelConfig
-from rtrl_jax._src.kronecker import after
+from rtrl_jax._src.base import Estimator, after
 from rtrl_jax._src.online import carry_cotangent
 
 _TINY = 1e-30
@@ -108,7 +105,7 @@ def gradient_trajectory(
         new_traces, grads, previous = {}, {}, ()
         for i, n in enumerate(names):
             # One estimator after the other: on CPU, two estimators' batched LAPACK calls (r-OK's
-            # QR) running at once can deadlock XLA's intra-op pool (see rtrl_jax/_src/kronecker.py).
+            # QR) running at once can deadlock XLA's intra-op pool (see rtrl_jax._src.base.after).
             trace_n = after(traces[n], previous)
             _, _, new_traces[n] = estimators[n].step(trace_n, params, carry, x, key=keys[i])
             previous = new_traces[n]
@@ -284,202 +281,3 @@ def compare_gradients(
         summary[name] = {k: float(v) for k, v in entry.items() if not k.startswith("curve@")}
         curves[name] = {w: np.asarray(entry[f"curve@{w}"]) for w in windows}
     return Comparison(summary, curves, np.asarray(traj.loss), traj)
-
-
-def markdown_table(summary: Mapping[str, Mapping[str, float]], windows: Sequence[int]) -> str:
-    """The summary of a :class:`Comparison` as a markdown table, one row per estimator."""
-    cols = [f"cosine@{w}" for w in windows] + [f"rel_error@{w}" for w in windows] + ["bias2", "variance"]
-    lines = ["| estimator | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, entry in summary.items():
-        cells = [f"{entry[c]:.4g}" if c in entry else "–" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_comparison(comparison: Comparison, windows: Sequence[int], path: Any) -> None:
-    """Writes a PNG: per-window alignment along the run, and mean alignment against the window."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    w0 = windows[0]
-    for name, curves in comparison.curves.items():
-        curve = curves[w0]
-        smooth = max(1, curve.shape[0] // 50)
-        kernel = np.ones(smooth) / smooth
-        smoothed = np.convolve(curve, kernel, mode="valid")
-        ax1.plot((np.arange(smoothed.shape[0]) + (smooth - 1) / 2) * w0, smoothed, label=name)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel(f"cos(estimate, exact), window {w0}")
-    ax1.set_title("alignment along the trajectory")
-    ax1.legend(fontsize=8)
-    for name, entry in comparison.summary.items():
-        ax2.plot(list(windows), [entry[f"cosine@{w}"] for w in windows], marker="o", label=name)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("window (steps summed)")
-    ax2.set_ylabel("mean cosine with exact RTRL")
-    ax2.set_title("alignment against the window")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# --- the `rtrl-jax compare CONFIG` job -------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareConfig:
-    """A gradient-quality comparison (``rtrl-jax compare``).
-
-    Attributes:
-      estimators: ``{label: options}``; the label is the registry name unless the options hold
-        ``estimator: name`` (e.g. ``ok2: {estimator: ok, rank: 2}``).
-      task: a task name; its stream is the shared trajectory (the readout head is random and frozen).
-      task_options: keyword options of the task.
-      model: the cell.
-      steps: length of the trajectory.
-      num_keys: random keys (estimator noise) vmapped over; bias and variance need ``≥ 2``.
-      windows: window sizes for the windowed alignment.
-      train_with: ``""`` for frozen parameters, or a label (or ``exact``) whose gradient drives SGD.
-      learning_rate: the SGD step size when ``train_with`` is set.
-      seed: parameters, head and stream.
-    """
-
-    estimators: dict = dataclasses.field(
-        default_factory=lambda: {"uoro": {}, "kf": {}, "ok": {"rank": 2}, "tbptt": {"window": 10}}
-    )
-    task: str = "add"
-    task_options: dict = dataclasses.field(default_factory=dict)
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(cell="simple", hidden=16))
-    steps: int = 500
-    num_keys: int = 8
-    windows: list = dataclasses.field(default_factory=lambda: [1, 10, 100])
-    train_with: str = ""
-    learning_rate: float = 0.0
-    seed: int = 0
-
-
-def load_compare_config(path: Any = None, overrides: Sequence[str] = ()) -> Any:
-    """Reads a YAML comparison config, applies dotted ``key=value`` overrides, validates it."""
-    from pathlib import Path
-
-    import yaml
-
-    from rtrl_jax._src import config as cfg
-
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise cfg.ConfigError(f"config file {str(path)!r} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise cfg.ConfigError(f"config file {str(path)!r} must hold a mapping at the top level.")
-    for text in overrides:
-        key, value = cfg.parse_override(text)
-        cfg._set(data, key, value)
-    model = data.setdefault("model", {})
-    if isinstance(model, dict):  # the comparison's own defaults for keys the file leaves out
-        model.setdefault("cell", "simple")
-        model.setdefault("hidden", 16)
-    config = cfg._build(CompareConfig, data, "")
-    if config.steps < 1 or config.num_keys < 1:
-        raise cfg.ConfigError("steps and num_keys must be >= 1.")
-    if not config.estimators:
-        raise cfg.ConfigError("estimators: give at least one estimator.")
-    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in config.windows):
-        raise cfg.ConfigError(f"windows: expected positive integers, got {config.windows!r}.")
-    if config.train_with and config.train_with not in (*config.estimators, "exact"):
-        raise cfg.ConfigError(
-            f"train_with: {config.train_with!r} is not one of {[*config.estimators, 'exact']}."
-        )
-    return config
-
-
-def _build_estimators(config: Any, core: Any) -> dict[str, Estimator]:
-    from rtrl_jax._src.config import ConfigError
-    from rtrl_jax._src.registry import make_estimator
-
-    built = {}
-    for label, options in config.estimators.items():
-        options = dict(options or {})
-        name = options.pop("estimator", label)
-        try:
-            built[label] = make_estimator(name, core, **options)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"estimators.{label}: {error}") from None
-    return built
-
-
-def run_compare(config: Any, out_dir: Any) -> dict[str, Any]:
-    """Runs the comparison of ``config`` and writes ``compare.json``, ``compare.md``, ``compare.png``.
-
-    Returns:
-      The JSON document (config, device, versions, summary, per-window curves).
-    """
-    import json
-    import time
-    from pathlib import Path
-
-    from rtrl_jax._src import models, tasks
-    from rtrl_jax._src.config import RunConfig
-    from rtrl_jax._src.rtrl import rtrl
-    from rtrl_jax._src.trainer import linear_head, softmax_cross_entropy
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = jnp.dtype(config.model.dtype)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
-    task = tasks.TASKS[config.task](**config.task_options)
-    core = models.build_core(RunConfig(model=config.model), task.input_size)
-    estimators = _build_estimators(config, core)
-    key_core, key_head, key_data, key_run = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-    params, carry = core.init(key_core, dtype)
-    head = linear_head()
-    head_params = head.init(key_head, config.model.hidden, task.num_classes, dtype)
-    stream = task.sample(key_data, config.steps)
-
-    def loss_fn(out, target):
-        probs, weight = target
-        return weight * softmax_cross_entropy(head.apply(head_params, out), probs)
-
-    start = time.perf_counter()
-    result = compare_gradients(
-        core,
-        estimators,
-        rtrl(core),
-        params,
-        carry,
-        stream.inputs.astype(dtype),
-        (stream.targets.astype(dtype), stream.mask.astype(dtype)),
-        loss_fn,
-        keys=jax.random.split(key_run, config.num_keys),
-        windows=tuple(config.windows),
-        train_with=config.train_with or None,
-        learning_rate=config.learning_rate,
-    )
-    device = jax.devices()[0]
-    document = {
-        "config": dataclasses.asdict(config),
-        "num_params": core.num_params,
-        "device": f"{device.platform}:{device.device_kind}",
-        "jax_version": jax.__version__,
-        "wall_s": time.perf_counter() - start,
-        "summary": result.summary,
-        "curves": {n: {str(w): c.tolist() for w, c in cs.items()} for n, cs in result.curves.items()},
-        "mean_loss": float(result.loss.mean()),
-    }
-    (out_dir / "compare.json").write_text(json.dumps(document, indent=1) + "\n")
-    header = (
-        f"Gradient quality against exact RTRL: task {task.name}, cell {config.model.cell} "
-        f"n={config.model.hidden} (P={core.num_params}), {config.steps} steps, {config.num_keys} keys, "
-        f"{'frozen parameters' if not config.train_with else 'trained by ' + config.train_with}; "
-        f"{document['device']}, jax {jax.__version__}.\n\n"
-    )
-    (out_dir / "compare.md").write_text(header + markdown_table(result.summary, config.windows))
-    plot_comparison(result, tuple(config.windows), out_dir / "compare.png")
-    return document

@@ -158,13 +158,3 @@ def add_task_baselines(t1: int = 5, t2: int = 9) -> dict[str, float]:
     first = np.mean([xent(y, np.mean([ys[(a, c)] for c in (0, 1)])) for (a, _), y in ys.items()])
     both = np.mean([xent(y, y) for y in ys.values()])
     return {"no_memory": float(no_memory), "t1_only": float(first), "both": float(both)}
-
-
-def _char_task(path, **options) -> Task:
-    """:func:`rtrl_jax._src.text.char_task` (imported here lazily: ``text`` builds on this module)."""
-    from rtrl_jax._src.text import char_task
-
-    return char_task(path, **options)
-
-
-TASKS: dict[str, Callable[..., Task]] = {"copy": copy_task, "add": add_task, "char": _char_task}

@@ -1,6 +1,6 @@
 """Checkpoints of an online run with Orbax, verified by a checksum, with fallback to the last good one.
 
-A checkpoint is the whole :class:`~rtrl_jax._src.trainer.OnlineTrainState` (parameters, optimizer
+A checkpoint is the whole :class:`~rtrl_jax.OnlineTrainState` (parameters, optimizer
 state, carries, estimator traces, random key, and the data position ``step``) plus a small JSON
 record of the step and a SHA-256 of every leaf's bytes. Orbax writes each checkpoint to a temporary
 folder and renames it when complete, so a write cut short never looks finished; a checkpoint whose

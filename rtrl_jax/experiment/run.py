@@ -1,8 +1,8 @@
-"""A training run from a :class:`~rtrl_jax._src.config.RunConfig`: build, train, write the run folder.
+"""A training run of an :class:`~rtrl_jax.experiment.Experiment`: train it and write its run folder.
 
 The run folder holds
 
-- ``config.yaml``: the resolved config;
+- ``config.yaml``: the resolved spec;
 - ``metrics.jsonl`` and ``metrics.csv``: one row per step: step, loss, accuracy, grad_norm, weight
   (the summed loss weights) and nonfinite (0, or the bit flags of the non-finite quantities);
 - ``checkpoints/``: Orbax checkpoints of the whole run state every ``train.checkpoint_every`` steps,
@@ -25,32 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 
-from rtrl_jax._src import models, tasks
-from rtrl_jax._src.checkpoint import Checkpointer
-from rtrl_jax._src.config import RunConfig, to_dict
-from rtrl_jax._src.registry import make_estimator
 from rtrl_jax._src.trainer import (
     NonFiniteError,
     OnlineTrainState,
     StepMetrics,
-    init_train_state,
-    linear_head,
     nonfinite_names,
     train_online,
 )
-
-
-def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    """The Optax optimizer of ``config.train`` (wrapped in ``MultiSteps`` when ``update_every > 1``)."""
-    optimizer = getattr(optax, config.train.optimizer)(config.train.learning_rate)
-    if config.train.update_every > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.train.update_every)
-    return optimizer
+from rtrl_jax.experiment.build import Experiment, build
+from rtrl_jax.experiment.checkpoint import Checkpointer
+from rtrl_jax.experiment.spec import RunConfig, load_config, to_dict
 
 
 class RunError(RuntimeError):
@@ -178,51 +165,25 @@ class _SignalCatcher:
         return False
 
 
-def _build(config: RunConfig):
-    dtype = jnp.dtype(config.model.dtype)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
-    task = tasks.TASKS[config.task](**config.task_options)
-    core = models.build_core(config, task.input_size)
-    estimator = make_estimator(config.estimator, core, **config.estimator_options)
-    optimizer = make_optimizer(config)
-    key = jax.random.PRNGKey(config.train.seed)
-    key_core, key_head, key_data, key_state = jax.random.split(key, 4)
-    core_params, _ = core.init(key_core, dtype)
-    head = linear_head()
-    head_params = head.init(key_head, core.output_shape[-1], task.num_classes, dtype)
-    stream = tasks.sample_batch(task, key_data, config.train.steps, config.train.batch_size)
-    state = init_train_state(
-        core,
-        estimator,
-        optimizer,
-        core_params,
-        head_params,
-        batch_size=config.train.batch_size,
-        key=key_state,
-    )
-    return task, core, estimator, optimizer, head, stream, state
-
-
 def run_training(
-    config: RunConfig,
+    experiment: Experiment | RunConfig,
     out_dir: str | Path,
     *,
     on_chunk: Callable[[int, dict[str, float]], None] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Runs the online training job of ``config`` and writes its run folder.
+    """Trains ``experiment`` online and writes its run folder.
 
     SIGINT and SIGTERM are caught: the run stops at the end of the current chunk, saves a
     checkpoint and returns a summary with ``status: "interrupted"``.
 
     Args:
-      config: a validated config.
+      experiment: a built :class:`Experiment`, or a :class:`RunConfig` to build.
       out_dir: the run folder (created).
       on_chunk: ``(steps_done, {"loss": ..., "steps_per_s": ..., "nonfinite": ...})`` after each
         chunk (progress bars).
       resume: continue the run in ``out_dir`` from its newest good checkpoint (from the start if it
-        has none); ``config`` must be the run's (``load_config(out_dir / "config.yaml")``).
+        has none); the spec must be the run's (``load_config(out_dir / "config.yaml")``).
 
     Returns:
       The summary (also written to ``summary.json``), with ``status`` one of ``finished``,
@@ -230,6 +191,7 @@ def run_training(
 
     Raises:
       RunError: a fresh run into a folder that already holds checkpoints.
+      ConfigError: a :class:`RunConfig` that does not build.
     """
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
@@ -238,11 +200,13 @@ def run_training(
             f"run folder {str(out_dir)!r} already holds checkpoints; continue it with"
             f" `rtrl-jax train --resume {out_dir}` or choose another --out."
         )
+    if not isinstance(experiment, Experiment):
+        experiment = build(experiment)
+    config, task, core, estimator, optimizer, head, stream, state = experiment
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
-    task, core, estimator, optimizer, head, stream, state = _build(config)
     checkpointer = Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
     resumed_from = None
     if resume:
@@ -345,13 +309,10 @@ def run_training(
 
 def restore_final_state(run_dir: str | Path) -> OnlineTrainState | None:
     """The newest good checkpointed state of a run folder (built from its ``config.yaml``)."""
-    from rtrl_jax._src.config import load_config
-
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    *_, state = _build(config)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    experiment = build(load_config(run_dir / "config.yaml"))
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=experiment.spec.train.keep_checkpoints)
     try:
-        return checkpointer.restore_latest(like=state)
+        return checkpointer.restore_latest(like=experiment.state)
     finally:
         checkpointer.close()

@@ -1,12 +1,23 @@
-"""Learning curves of a run folder as a PNG (``rtrl-jax plot RUN_DIR``)."""
+"""PNG plots: the learning curves of a run folder (``rtrl-jax plot``) and a gradient comparison."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from rtrl_jax._src.run import read_metrics
+from rtrl_jax._src.compare import Comparison
+from rtrl_jax.experiment.run import read_metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _smooth(values: np.ndarray, weights: np.ndarray, window: int) -> np.ndarray:
@@ -33,11 +44,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Raises:
       FileNotFoundError: the folder has no ``metrics.jsonl`` or it has no rows.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
@@ -74,3 +81,30 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_comparison(comparison: Comparison, windows: Sequence[int], path: str | Path) -> None:
+    """Writes a PNG: per-window alignment along the run, and mean alignment against the window."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    w0 = windows[0]
+    for name, curves in comparison.curves.items():
+        curve = curves[w0]
+        smooth = max(1, curve.shape[0] // 50)
+        kernel = np.ones(smooth) / smooth
+        smoothed = np.convolve(curve, kernel, mode="valid")
+        ax1.plot((np.arange(smoothed.shape[0]) + (smooth - 1) / 2) * w0, smoothed, label=name)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel(f"cos(estimate, exact), window {w0}")
+    ax1.set_title("alignment along the trajectory")
+    ax1.legend(fontsize=8)
+    for name, entry in comparison.summary.items():
+        ax2.plot(list(windows), [entry[f"cosine@{w}"] for w in windows], marker="o", label=name)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("window (steps summed)")
+    ax2.set_ylabel("mean cosine with exact RTRL")
+    ax2.set_title("alignment against the window")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

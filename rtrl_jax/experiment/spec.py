@@ -1,15 +1,15 @@
-"""Run configuration: a typed schema, YAML files, dotted ``key=value`` overrides, validation.
+"""The experiment spec: the YAML schema as dataclasses, read from files and dotted overrides.
 
-A configuration is checked entirely before anything is compiled: unknown keys, wrong types, values
-out of range, unknown estimator / cell / task names, unknown estimator or task options, and
-estimator-cell combinations that cannot work each raise :class:`ConfigError` naming the key, the
-value and what is allowed.
+:func:`load_config` and :func:`load_compare_config` check the shape of a spec: known keys, types and
+ranges. Names (estimator, task, cell, optimizer, ...) and combinations are checked where they are
+used, by :func:`rtrl_jax.experiment.build`, which raises the same :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run.
+    """A training run (``rtrl-jax train``).
 
     Attributes:
       estimator: a registered estimator name.
       estimator_options: keyword options of the estimator (e.g. ``{rank: 2}``, ``{window: 10}``).
-      task: a task name (``copy``, ``add``).
+      task: a task name (``copy``, ``add``, ``char``).
       task_options: keyword options of the task (e.g. ``{length: 5}``).
       model: the cell.
       train: the loop.
@@ -88,9 +88,38 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-NONFINITE_POLICIES = ("skip", "stop", "ignore")
-DTYPES = ("float32", "float64")
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """A gradient-quality comparison (``rtrl-jax compare``).
+
+    Attributes:
+      estimators: ``{label: options}``; the label is the registry name unless the options hold
+        ``estimator: name`` (e.g. ``ok2: {estimator: ok, rank: 2}``).
+      task: a task name; its stream is the shared trajectory (the readout head is random and frozen).
+      task_options: keyword options of the task.
+      model: the cell (default: a 16-unit ``simple`` cell).
+      steps: length of the trajectory.
+      num_keys: random keys (estimator noise) vmapped over; bias and variance need ``≥ 2``.
+      windows: window sizes for the windowed alignment.
+      train_with: ``""`` for frozen parameters, or a label (or ``exact``) whose gradient drives SGD.
+      learning_rate: the SGD step size when ``train_with`` is set.
+      seed: parameters, head and stream.
+    """
+
+    estimators: dict = dataclasses.field(
+        default_factory=lambda: {"uoro": {}, "kf": {}, "ok": {"rank": 2}, "tbptt": {"window": 10}}
+    )
+    task: str = "add"
+    task_options: dict = dataclasses.field(default_factory=dict)
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(cell="simple", hidden=16))
+    steps: int = 500
+    num_keys: int = 8
+    windows: list = dataclasses.field(default_factory=lambda: [1, 10, 100])
+    train_with: str = ""
+    learning_rate: float = 0.0
+    seed: int = 0
+
+
 _POSITIVE = {
     "model.hidden",
     "train.steps",
@@ -122,9 +151,20 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def from_data(cls: type, data: Any, prefix: str = "") -> Any:
+    """The spec dataclass ``cls`` from plain data: unknown keys, wrong types and ranges raise.
+
+    Args:
+      cls: a spec dataclass (:class:`RunConfig`, :class:`CompareConfig`, ...).
+      data: a mapping of its fields (nested mappings for nested dataclasses); missing fields take
+        their defaults.
+      prefix: the dotted key of ``data`` in the whole spec (for messages).
+
+    Raises:
+      ConfigError: naming the key, the value and what is allowed.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}.")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -136,7 +176,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}{name}"
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, value, f"{key}.")
+            values[name] = from_data(tp, value, f"{key}.")
         else:
             values[name] = _check_type(key, value, tp)
             if key in _POSITIVE and values[name] <= 0:
@@ -144,57 +184,6 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             if key in _NON_NEGATIVE and values[name] < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {value!r}.")
     return cls(**values)
-
-
-def validate(config: RunConfig) -> RunConfig:
-    """Checks names and combinations that need the registries; returns ``config`` unchanged."""
-    from rtrl_jax._src import models, tasks
-    from rtrl_jax._src.registry import get_estimator_info, make_estimator, registered
-
-    names = [e.name for e in registered()]
-    if config.estimator not in names:
-        raise ConfigError(f"estimator: unknown estimator {config.estimator!r}; allowed: {', '.join(names)}.")
-    if config.task not in tasks.TASKS:
-        raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(tasks.TASKS)}.")
-    if config.model.cell not in models.CELLS:
-        raise ConfigError(
-            f"model.cell: unknown cell {config.model.cell!r}; allowed: {', '.join(models.CELLS)}."
-        )
-    if config.model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype: {config.model.dtype!r} is not one of {', '.join(DTYPES)}.")
-    try:
-        task = tasks.TASKS[config.task](**config.task_options)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"task_options: {error}") from None
-    core = models.build_core(config, task.input_size)
-    reason = get_estimator_info(config.estimator).unsupported_reason(core)
-    if reason is not None:
-        able = [e.name for e in registered() if e.unsupported_reason(core) is None]
-        raise ConfigError(
-            f"estimator: {config.estimator!r} cannot serve cell {config.model.cell!r} ({reason});"
-            f" estimators that can: {', '.join(able)}."
-        )
-    try:
-        make_estimator(config.estimator, core, **config.estimator_options)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"estimator_options: {error}") from None
-    if config.train.optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"train.optimizer: unknown optimizer {config.train.optimizer!r};"
-            f" allowed: {', '.join(OPTIMIZERS)}."
-        )
-    if config.train.nonfinite not in NONFINITE_POLICIES:
-        raise ConfigError(
-            f"train.nonfinite: unknown policy {config.train.nonfinite!r};"
-            f" allowed: {', '.join(NONFINITE_POLICIES)}."
-        )
-    every, chunk = config.train.checkpoint_every, config.train.chunk_size
-    if every % chunk:
-        raise ConfigError(
-            f"train.checkpoint_every: {every} is not a multiple of train.chunk_size={chunk}"
-            " (checkpoints are taken at chunk ends); allowed: 0 or a multiple of the chunk size."
-        )
-    return config
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -211,7 +200,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set(tree: dict, path: list[str], value: Any) -> None:
+def set_path(tree: dict, path: Sequence[str], value: Any) -> None:
+    """Sets ``tree[path[0]][path[1]]... = value``, making the sections on the way."""
     for part in path[:-1]:
         node = tree.setdefault(part, {})
         if not isinstance(node, dict):
@@ -220,18 +210,12 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Reads a YAML config (or the embedded default), applies ``key=value`` overrides, validates.
-
-    Args:
-      path: a YAML file, or ``None`` for the default :class:`RunConfig`.
-      overrides: dotted ``key=value`` strings applied in order.
-
-    Returns:
-      A validated :class:`RunConfig`.
+def read_yaml(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
+    """The mapping in a YAML file (``{}`` for ``None``) with dotted ``key=value`` overrides applied.
 
     Raises:
-      ConfigError: for a missing or unreadable file or any invalid key or value.
+      ConfigError: a missing or unreadable file, a file without a mapping at the top level, or a
+        malformed override.
     """
     data: dict = {}
     if path is not None:
@@ -246,10 +230,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level.")
     for text in overrides:
         key, value = parse_override(text)
-        _set(data, key, value)
-    return validate(_build(RunConfig, data, ""))
+        set_path(data, key, value)
+    return data
 
 
-def to_dict(config: RunConfig) -> dict:
-    """The config as plain data (for YAML/JSON)."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML run config (or the embedded default) and applies ``key=value`` overrides.
+
+    Args:
+      path: a YAML file, or ``None`` for the default :class:`RunConfig`.
+      overrides: dotted ``key=value`` strings applied in order.
+
+    Returns:
+      A :class:`RunConfig` with known keys, types and ranges; :func:`rtrl_jax.experiment.build`
+      checks its names and combinations.
+
+    Raises:
+      ConfigError: for a missing or unreadable file or any unknown key, wrong type or value out of
+        range.
+    """
+    return from_data(RunConfig, read_yaml(path, overrides))
+
+
+def load_compare_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CompareConfig:
+    """Reads a YAML comparison config (or the embedded default) and applies ``key=value`` overrides.
+
+    Keys the file leaves out of ``model`` take the comparison's defaults (a 16-unit ``simple`` cell).
+
+    Raises:
+      ConfigError: for a missing file, unknown keys, wrong types, an empty ``estimators``,
+        ``steps`` or ``num_keys`` below 1, non-positive ``windows``, or a ``train_with`` that is not
+        a label or ``exact``.
+    """
+    data = read_yaml(path, overrides)
+    model = data.setdefault("model", {})
+    if isinstance(model, dict):
+        defaults = CompareConfig().model
+        model.setdefault("cell", defaults.cell)
+        model.setdefault("hidden", defaults.hidden)
+    config = from_data(CompareConfig, data)
+    if config.steps < 1 or config.num_keys < 1:
+        raise ConfigError("steps and num_keys must be >= 1.")
+    if not config.estimators:
+        raise ConfigError("estimators: give at least one estimator.")
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in config.windows):
+        raise ConfigError(f"windows: expected positive integers, got {config.windows!r}.")
+    if config.train_with and config.train_with not in (*config.estimators, "exact"):
+        raise ConfigError(f"train_with: {config.train_with!r} is not one of {[*config.estimators, 'exact']}.")
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    """A spec as plain data (for YAML / JSON)."""
     return dataclasses.asdict(config)

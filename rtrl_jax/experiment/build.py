@@ -1,0 +1,261 @@
+"""``build(spec)``: everything a spec describes, constructed once; every failure is a :class:`ConfigError`.
+
+Building is the validation: each piece is made from its part of the spec, and whatever cannot be
+made (an unknown name, a bad option, an estimator that cannot serve the cell, ...) stops with a
+:class:`ConfigError` that names the key, the value and what is allowed. The pieces
+(:func:`build_task`, :func:`build_core`, :func:`build_estimator`, :func:`build_optimizer`,
+:func:`init_head`, :func:`enable_dtype`) serve ``rtrl-jax train``, ``rtrl-jax compare`` and the
+learning benchmarks alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rtrl_jax._src import registry
+from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.cores import Core, from_linen
+from rtrl_jax._src.rtrl import rtrl
+from rtrl_jax._src.tasks import Stream, Task, sample_batch
+from rtrl_jax._src.trainer import Head, OnlineTrainState, init_train_state, linear_head
+from rtrl_jax.experiment.names import CELLS, DTYPES, NONFINITE_POLICIES, OPTIMIZERS, TASKS
+from rtrl_jax.experiment.spec import CompareConfig, ConfigError, ModelConfig, RunConfig
+
+
+def check_name(key: str, value: Any, allowed: Sequence[str], what: str) -> None:
+    """Raises :class:`ConfigError` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown {what} {value!r}; allowed: {', '.join(allowed)}.")
+
+
+def enable_dtype(name: str, *, key: str = "model.dtype") -> jnp.dtype:
+    """The dtype ``name`` (``float32`` or ``float64``); ``float64`` switches on JAX's 64-bit mode."""
+    if name not in DTYPES:
+        raise ConfigError(f"{key}: {name!r} is not one of {', '.join(DTYPES)}.")
+    dtype = jnp.dtype(name)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    return dtype
+
+
+def build_task(name: str, options: Mapping[str, Any], *, key: str = "task") -> Task:
+    """The task ``name`` of :data:`~rtrl_jax.experiment.names.TASKS` made with ``options``.
+
+    ``key`` is the spec key of the name; its options are ``<key>_options``.
+    """
+    check_name(key, name, list(TASKS), "task")
+    try:
+        return TASKS[name](**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key}_options: {error}") from None
+
+
+def build_core(model: ModelConfig, input_size: int, *, key: str = "model.cell") -> Core:
+    """The core of ``model`` (its ``cell`` and ``hidden``) for inputs of ``input_size`` features.
+
+    ``key`` is the spec key of the cell name (for messages).
+    """
+    check_name(key, model.cell, list(CELLS), "cell")
+    return from_linen(CELLS[model.cell](model.hidden), input_size, name=model.cell)
+
+
+def build_estimator(
+    name: str,
+    options: Mapping[str, Any],
+    core: Core,
+    *,
+    key: str = "estimator",
+    options_key: str = "estimator_options",
+) -> Estimator:
+    """The registered estimator ``name`` with ``options`` for ``core``.
+
+    Args:
+      name: a registered estimator name.
+      options: its keyword options.
+      core: the core it serves.
+      key: the spec key of ``name`` (for messages).
+      options_key: the spec key of ``options`` (for messages).
+
+    Raises:
+      ConfigError: an unknown name, an estimator that cannot serve ``core`` (naming the estimators
+        that can), or options it does not take or accept.
+    """
+    check_name(key, name, [info.name for info in registry.registered()], "estimator")
+    reason = registry.get_estimator_info(name).unsupported_reason(core)
+    if reason is not None:
+        raise ConfigError(f"{key}: {registry.unsupported_message(name, core, reason)}")
+    try:
+        return registry.make_estimator(name, core, **options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{options_key}: {error}") from None
+
+
+def build_optimizer(
+    name: str,
+    learning_rate: float,
+    *,
+    update_every: int = 1,
+    clip: float = 0.0,
+    key: str = "train.optimizer",
+) -> optax.GradientTransformation:
+    """The Optax optimizer ``name`` at ``learning_rate``.
+
+    ``clip > 0`` clips the global gradient norm before it; ``update_every > 1`` wraps it in
+    ``optax.MultiSteps`` (the update is applied every k steps).
+    """
+    check_name(key, name, OPTIMIZERS, "optimizer")
+    optimizer = getattr(optax, name)(learning_rate)
+    if clip:
+        optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
+    if update_every > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=update_every)
+    return optimizer
+
+
+def init_head(key: jax.Array, core: Core, num_classes: int, dtype: Any) -> tuple[Head, Any]:
+    """The linear softmax readout on ``core``'s output and its parameters."""
+    head = linear_head()
+    return head, head.init(key, core.output_shape[-1], num_classes, dtype)
+
+
+class Experiment(NamedTuple):
+    """Everything a :class:`RunConfig` describes, built.
+
+    Attributes:
+      spec: the spec.
+      task: the task.
+      core: the core (cell ``spec.model.cell`` on the task's inputs).
+      estimator: the estimator.
+      optimizer: the Optax optimizer.
+      head: the readout.
+      stream: the whole training stream, ``(batch, steps)``.
+      state: the initial :class:`~rtrl_jax._src.trainer.OnlineTrainState`.
+    """
+
+    spec: RunConfig
+    task: Task
+    core: Core
+    estimator: Estimator
+    optimizer: optax.GradientTransformation
+    head: Head
+    stream: Stream
+    state: OnlineTrainState
+
+
+class CompareJob(NamedTuple):
+    """Everything a :class:`CompareConfig` describes, built.
+
+    Attributes:
+      spec: the spec.
+      task: the task.
+      core: the core.
+      estimators: ``{label: estimator}`` in the spec's order.
+      exact: the exact-RTRL shadow.
+      params: the core's parameters.
+      carry: its initial carry.
+      head: the frozen readout.
+      head_params: its parameters.
+      stream: one stream of ``spec.steps`` steps, the shared trajectory.
+      key: the key of the estimators' noise.
+      dtype: the floating dtype.
+    """
+
+    spec: CompareConfig
+    task: Task
+    core: Core
+    estimators: dict[str, Estimator]
+    exact: Estimator
+    params: Any
+    carry: Any
+    head: Head
+    head_params: Any
+    stream: Stream
+    key: jax.Array
+    dtype: Any
+
+
+def _check_train(spec: RunConfig) -> None:
+    train = spec.train
+    check_name("train.optimizer", train.optimizer, OPTIMIZERS, "optimizer")
+    if train.nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(
+            f"train.nonfinite: unknown policy {train.nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}."
+        )
+    if train.checkpoint_every % train.chunk_size:
+        raise ConfigError(
+            f"train.checkpoint_every: {train.checkpoint_every} is not a multiple of"
+            f" train.chunk_size={train.chunk_size} (checkpoints are taken at chunk ends);"
+            " allowed: 0 or a multiple of the chunk size."
+        )
+
+
+def _build_run(spec: RunConfig) -> Experiment:
+    check_name("estimator", spec.estimator, [info.name for info in registry.registered()], "estimator")
+    check_name("task", spec.task, list(TASKS), "task")
+    check_name("model.cell", spec.model.cell, list(CELLS), "cell")
+    dtype = enable_dtype(spec.model.dtype)
+    _check_train(spec)
+    task = build_task(spec.task, spec.task_options)
+    core = build_core(spec.model, task.input_size)
+    estimator = build_estimator(spec.estimator, spec.estimator_options, core)
+    train = spec.train
+    optimizer = build_optimizer(train.optimizer, train.learning_rate, update_every=train.update_every)
+    key_core, key_head, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
+    core_params, _ = core.init(key_core, dtype)
+    head, head_params = init_head(key_head, core, task.num_classes, dtype)
+    stream = sample_batch(task, key_data, train.steps, train.batch_size)
+    state = init_train_state(
+        core, estimator, optimizer, core_params, head_params, batch_size=train.batch_size, key=key_state
+    )
+    return Experiment(spec, task, core, estimator, optimizer, head, stream, state)
+
+
+def _build_compare(spec: CompareConfig) -> CompareJob:
+    check_name("task", spec.task, list(TASKS), "task")
+    check_name("model.cell", spec.model.cell, list(CELLS), "cell")
+    dtype = enable_dtype(spec.model.dtype)
+    task = build_task(spec.task, spec.task_options)
+    core = build_core(spec.model, task.input_size)
+    estimators = {}
+    for label, options in spec.estimators.items():
+        key = f"estimators.{label}"
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"{key}: expected a mapping of options, got {options!r}.")
+        options = dict(options or {})
+        name = options.pop("estimator", label)
+        estimators[label] = build_estimator(name, options, core, key=key, options_key=key)
+    key_core, key_head, key_data, key_run = jax.random.split(jax.random.PRNGKey(spec.seed), 4)
+    params, carry = core.init(key_core, dtype)
+    head, head_params = init_head(key_head, core, task.num_classes, dtype)
+    stream = task.sample(key_data, spec.steps)
+    return CompareJob(
+        spec, task, core, estimators, rtrl(core), params, carry, head, head_params, stream, key_run, dtype
+    )
+
+
+def build(spec: RunConfig | CompareConfig) -> Experiment | CompareJob:
+    """Builds everything ``spec`` describes, once, checking it on the way.
+
+    Args:
+      spec: a :class:`RunConfig` (``rtrl-jax train``) or a :class:`CompareConfig`
+        (``rtrl-jax compare``), e.g. from :func:`~rtrl_jax.experiment.load_config`.
+
+    Returns:
+      An :class:`Experiment` for a run config, a :class:`CompareJob` for a comparison.
+
+    Raises:
+      ConfigError: for an unknown estimator, task, cell, dtype, optimizer or non-finite policy,
+        task or estimator options that their factories refuse, an estimator that cannot serve the
+        cell (naming those that can), or a ``train.checkpoint_every`` that is not a multiple of
+        ``train.chunk_size``.
+    """
+    if isinstance(spec, RunConfig):
+        return _build_run(spec)
+    if isinstance(spec, CompareConfig):
+        return _build_compare(spec)
+    raise TypeError(f"build takes a RunConfig or a CompareConfig, got {type(spec).__name__}.")

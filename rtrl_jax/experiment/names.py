@@ -1,0 +1,58 @@
+"""The names a spec may use: cells, tasks, optimizers, dtypes and non-finite policies.
+
+Estimators are named by the library's registry (:func:`rtrl_jax.registered`); the tables here are
+the experiment layer's own. :func:`register_cell` and :func:`register_task` add entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+from rtrl_jax._src import cells
+from rtrl_jax._src.tasks import Task, add_task, copy_task
+from rtrl_jax._src.text import char_task
+from rtrl_jax._src.trainer import NONFINITE_POLICIES
+
+CELLS: dict[str, Callable[[int], Any]] = {
+    "simple": lambda hidden: nn.SimpleCell(features=hidden),
+    "gru": lambda hidden: nn.GRUCell(features=hidden),
+    "lstm": lambda hidden: nn.LSTMCell(features=hidden),
+    "optimized_lstm": lambda hidden: nn.OptimizedLSTMCell(features=hidden),
+    "mgu": lambda hidden: nn.MGUCell(features=hidden),
+    "lru": lambda hidden: cells.LRUCell(features=hidden),
+    "elstm": lambda hidden: cells.ELSTMCell(features=hidden),
+    "leaky": lambda hidden: cells.LeakyRNNCell(features=hidden),
+    "sparse_rnn": lambda hidden: cells.SparseRNNCell(features=hidden),
+    "sparse_gru": lambda hidden: cells.SparseGRUCell(features=hidden),
+}
+"""``model.cell`` names: ``make(hidden) -> linen cell``."""
+
+TASKS: dict[str, Callable[..., Task]] = {"copy": copy_task, "add": add_task, "char": char_task}
+"""``task`` names: ``make(**task_options) -> Task``."""
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+"""``train.optimizer`` names: Optax optimizers taking the learning rate as their first argument."""
+
+DTYPES = ("float32", "float64")
+"""``model.dtype`` names."""
+
+__all__ = ["CELLS", "DTYPES", "NONFINITE_POLICIES", "OPTIMIZERS", "TASKS", "register_cell", "register_task"]
+
+
+def _register(table: dict, what: str, name: str, make: Callable[..., Any]) -> None:
+    if name in table:
+        raise ValueError(f"a {what} named {name!r} is already registered.")
+    table[name] = make
+
+
+def register_cell(name: str, make: Callable[[int], Any]) -> None:
+    """Makes ``make(hidden) -> linen cell`` available to specs as ``model.cell: name``."""
+    _register(CELLS, "cell", name, make)
+
+
+def register_task(name: str, make: Callable[..., Task]) -> None:
+    """Makes ``make(**task_options) -> Task`` available to specs as ``task: name``."""
+    _register(TASKS, "task", name, make)
