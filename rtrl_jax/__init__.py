@@ -27,6 +27,7 @@ from rtrl_jax._src.compare import (
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
+from rtrl_jax._src.layers import NNXOnlineRNN, OnlineRNN, OnlineState, StackedCell
 from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step, rollout
 from rtrl_jax._src.registry import (
@@ -93,7 +94,10 @@ __all__ = [
     "KroneckerState",
     "LRUCell",
     "LeakyRNNCell",
+    "NNXOnlineRNN",
     "OKState",
+    "OnlineRNN",
+    "OnlineState",
     "OnlineTrainState",
     "RFLOState",
     "RTRLState",
@@ -103,6 +107,7 @@ __all__ = [
     "SparseGRUCell",
     "SparseRNNCell",
     "SparsityPatterns",
+    "StackedCell",
     "StepMetrics",
     "Stream",
     "TBPTTState",

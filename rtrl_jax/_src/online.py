@@ -103,11 +103,19 @@ def online_step(core: Any, estimator: Estimator):
     """The drop-in: a step function whose reverse-mode derivative is the online gradient.
 
     ``online_step(core, estimator)(params, trace, carry, x, key)`` returns
-    ``(carry, out, trace)`` like ``estimator.step``; under ``jax.grad`` (or ``jax.value_and_grad``)
-    of any loss of ``out`` and the new carry, the derivative with respect to ``params`` is the
-    estimator's online gradient ``c_t · J_t``, and nothing flows into the past (the cotangents of
-    ``trace``, ``carry``, ``x`` and ``key`` are zero). A user's unchanged one-step loss thus trains
-    online::
+    ``(carry, out, trace)`` like ``estimator.step``. Under ``jax.grad`` (or ``jax.value_and_grad``)
+    of any loss ``L_t`` of ``out`` and the new carry ``h_t = F(h_{t-1}, x_t; θ)``, with
+    ``c_t = ∂L_t/∂h_t`` (:func:`carry_cotangent`):
+
+    - ``params`` get the estimator's online gradient ``c_t · J_t`` (``J_t ≈ dh_t/dθ``, the trace);
+    - ``x`` gets ``c_t · ∂F/∂x_t``, the immediate input Jacobian (one VJP of the core at
+      ``(params, h_{t-1}, x_t)``), so whatever produced ``x`` at this step (an encoder, an embedding,
+      the online layers below) trains too;
+    - ``trace``, ``carry`` and ``key`` get zero: nothing flows into past steps (the past's influence
+      on ``h_t`` through ``θ`` is what ``J_t`` already holds; the past's influence through ``x`` is
+      what a layer-by-layer online model drops, see :mod:`rtrl_jax._src.layers`).
+
+    A user's unchanged one-step loss thus trains online::
 
         step = online_step(core, rtrl(core))
 
@@ -132,13 +140,16 @@ def online_step(core: Any, estimator: Estimator):
 
     def step_fwd(params, trace, carry, x, key):
         new_carry, out, new_trace = estimator.step(trace, params, carry, x, key=key)
-        return (new_carry, out, new_trace), (new_trace, params, new_carry)
+        return (new_carry, out, new_trace), (new_trace, params, carry, x, new_carry)
 
     def step_bwd(residuals, cotangents):
-        new_trace, params, new_carry = residuals
+        new_trace, params, carry, x, new_carry = residuals
         carry_bar, out_bar, _ = cotangents
-        params_bar = online_grad(core, estimator, new_trace, params, new_carry, out_bar, carry_bar)
-        return params_bar, None, None, None, None
+        c = carry_cotangent(core, new_carry, out_bar, carry_bar)
+        params_bar = estimator.grad(new_trace, params, c)
+        _, input_vjp = jax.vjp(lambda x: core(params, carry, x)[0], x)
+        (x_bar,) = input_vjp(c)
+        return params_bar, None, None, x_bar, None
 
     step.defvjp(step_fwd, step_bwd)
     return step
