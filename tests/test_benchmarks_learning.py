@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,12 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from learning import influence_balancing_core, load_benchmark_config, run_benchmark  # noqa: E402
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 def test_influence_balancing_core_has_the_papers_fixed_point(x64):

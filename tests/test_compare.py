@@ -16,12 +16,6 @@ from rtrl_jax.experiment import ConfigError, load_compare_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _setup(hidden=6, steps=120, learnable=False):
     core = from_linen(nn.SimpleCell(features=hidden), 2)
     params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
