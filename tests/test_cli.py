@@ -3,9 +3,12 @@
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 import yaml
 
+import rtrl_jax as rj
 from rtrl_jax.cli import main
 from rtrl_jax.experiment import ConfigError, RunConfig, build, load_config, to_dict
 
@@ -100,3 +103,36 @@ def test_library_cells_train_from_the_command_line(tmp_path):
     args = ["model.cell=lru", "model.hidden=4", "estimator=snap", "task=add", "train.steps=60"]
     assert main(["train", "--quiet", "--out", str(out), *args]) == 0
     assert json.loads((out / "summary.json").read_text())["cell"] == "lru"
+
+
+def _zero(core, scale=0.0):
+    """An estimator that keeps no trace and gives ``scale`` times a zero gradient."""
+    return rj.Estimator(
+        init=lambda params, carry, *, key=None: (),
+        step=lambda trace, params, carry, x, *, key=None: (*core(params, carry, x), ()),
+        grad=lambda trace, params, carry_bar: jax.tree.map(lambda p: scale * jnp.zeros_like(p), params),
+    )
+
+
+def test_an_estimator_registered_at_runtime_is_listed_validated_and_trained(tmp_path, capsys):
+    def no_lstm(core):
+        return "no LSTM" if core.name == "lstm" else None
+
+    rj.register("zero_test", _zero, summary="zero gradient (a test estimator)", unsupported_reason=no_lstm)
+    try:
+        assert main(["estimators"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        row = lines.index(next(line for line in lines if line.startswith("zero_test ")))
+        assert "zero gradient (a test estimator)" in lines[row]
+        assert "cells: simple, gru, optimized_lstm" in lines[row + 1]
+        with pytest.raises(ConfigError, match="estimator_options.*'rank'"):
+            build(load_config(None, ["estimator=zero_test", "estimator_options.rank=2"]))
+        with pytest.raises(ConfigError, match="estimator: .*'zero_test' cannot serve core 'lstm': no LSTM"):
+            build(load_config(None, ["estimator=zero_test", "model.cell=lstm"]))
+        args = ["estimator=zero_test", "task=add", "model.hidden=4", "train.steps=20", "train.chunk_size=10"]
+        assert main(["train", "--quiet", "--out", str(tmp_path / "zero"), *args]) == 0
+        assert json.loads((tmp_path / "zero" / "summary.json").read_text())["estimator"] == "zero_test"
+    finally:
+        rj.unregister("zero_test")
+    with pytest.raises(ConfigError, match="unknown estimator 'zero_test'"):
+        build(load_config(None, ["estimator=zero_test"]))
