@@ -17,15 +17,9 @@ OUT = Path(__file__).resolve().parent / "api.md"
 # (title, module, names or None for the module's __all__)
 SECTIONS = [
     ("rtrl_jax", "rtrl_jax", None),
+    ("The experiment layer (rtrl_jax.experiment)", "rtrl_jax.experiment", None),
     (
-        "Runs and configuration (rtrl_jax._src.config, .run)",
-        "rtrl_jax._src.config",
-        ["RunConfig", "ModelConfig", "TrainConfig", "ConfigError", "load_config", "validate"],
-    ),
-    ("", "rtrl_jax._src.run", ["run_training", "restore_final_state", "read_metrics", "RunError"]),
-    ("Checkpoints (rtrl_jax._src.checkpoint)", "rtrl_jax._src.checkpoint", ["Checkpointer", "tree_checksum"]),
-    (
-        "Numerical guard (rtrl_jax._src.trainer)",
+        "Online training internals (rtrl_jax._src.trainer)",
         "rtrl_jax._src.trainer",
         ["NonFiniteError", "nonfinite_names", "make_train_chunk"],
     ),
@@ -34,7 +28,6 @@ SECTIONS = [
         "rtrl_jax._src.text",
         ["load_text", "TextDataError", "char_task", "char_stream", "vocabulary", "Vocabulary"],
     ),
-    ("Plots (rtrl_jax._src.plot)", "rtrl_jax._src.plot", ["plot_run"]),
 ]
 
 
