@@ -8,6 +8,8 @@ import pytest
 
 import rtrl_jax
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 CELLS = {
     "lru_complex": lambda: rtrl_jax.LRUCell(3),
     "lru_real": lambda: rtrl_jax.LRUCell(3, complex_state=False),

@@ -25,6 +25,8 @@ from rtrl_jax._src import estimator_stats, kronecker
 from rtrl_jax._src.kronecker import kronecker_layout, unsupported_reason
 from rtrl_jax._src.tasks import add_task_baselines
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 TOL = 1e-10
 
 

@@ -10,6 +10,8 @@ from online_learning import add_task_loss, rollout
 import rtrl_jax
 from rtrl_jax._src.tasks import add_task_baselines
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 
 def _setup(core, steps=6):
     params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)

@@ -11,6 +11,8 @@ from online_learning import online_grads
 
 import rtrl_jax as rj
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 T = 24
 INPUT = 3
 HIDDEN = 5

@@ -20,6 +20,8 @@ import pytest
 
 import rtrl_jax as rj
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 DEVICES = 4
 T = 6
 

@@ -13,6 +13,8 @@ import rtrl_jax
 from rtrl_jax._src.snap import _read_rows, _rows_per_leaf, layout_from_mask
 from rtrl_jax._src.tasks import add_task_baselines
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 W_EXAMPLE = np.array([[1, 1, 1], [0, 1, 0], [1, 0, 1]])
 
 

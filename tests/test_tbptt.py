@@ -8,6 +8,8 @@ from online_learning import online_grads
 
 import rtrl_jax as rj
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 T = 12
 INPUT = 2
 HIDDEN = 4

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from rtrl_jax._src import tasks
-from rtrl_jax._src.config import ConfigError, load_config
 from rtrl_jax._src.text import TextDataError, char_stream, char_task, load_text, vocabulary
+from rtrl_jax.experiment import TASKS, ConfigError, build, load_config
 
 
 def test_missing_file(tmp_path):
@@ -54,7 +54,7 @@ def test_char_task_is_next_character(tmp_path):
     text = "hello world, hello jax\n"
     path = tmp_path / "a.txt"
     path.write_text(text)
-    task = tasks.TASKS["char"](path)
+    task = TASKS["char"](path)
     vocab = vocabulary(text)
     assert task.input_size == task.num_classes == len(set(text))
     assert task.hard_targets
@@ -83,7 +83,7 @@ def test_char_stream():
 def test_config_names_the_missing_text(tmp_path):
     missing = tmp_path / "gone.txt"
     with pytest.raises(ConfigError, match=r"task_options.*gone.txt.*does not exist"):
-        load_config(None, ["task=char", f"task_options={{path: {missing}}}"])
+        build(load_config(None, ["task=char", f"task_options={{path: {missing}}}"]))
 
 
 def test_config_accepts_a_text(tmp_path):

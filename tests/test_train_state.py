@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import rtrl_jax as rj
 from rtrl_jax._src.train_state import RecurrentTrainState
+
+pytestmark = pytest.mark.x64  # float64 exactness checks
 
 
 def test_hand_written_loop_matches_online_grad_with_sgd():

@@ -28,6 +28,7 @@ def _mean_loss(metrics, part):
     return metrics.loss[part].sum() / metrics.weight[part].sum()
 
 
+@pytest.mark.x64  # the head and the loss in float64, the core in float32
 def test_exact_rtrl_learns_the_copy_task():
     task = tasks.copy_task(length=5)
     core, estimator, optimizer, state, stream = _setup(task, steps=3000)

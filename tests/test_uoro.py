@@ -17,6 +17,8 @@ from rtrl_jax._src import estimator_stats
 from rtrl_jax._src.kf_rtrl import kf_merge
 from rtrl_jax._src.kronecker import kronecker_estimator
 
+pytestmark = pytest.mark.x64  # float64 exactness checks
+
 Z = 4.0
 STEPS = 8
 
