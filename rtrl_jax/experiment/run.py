@@ -202,7 +202,7 @@ def run_training(
         )
     if not isinstance(experiment, Experiment):
         experiment = build(experiment)
-    config, task, core, estimator, optimizer, head, stream, state = experiment
+    config, _, core, estimator, optimizer, head, stream, state = experiment
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -276,35 +276,47 @@ def run_training(
         checkpointer.close()
 
     rows = read_metrics(out_dir)
-    all_metrics = rows_to_metrics(rows)
-    bad = [row for row in rows if row["nonfinite"]]
-    device = jax.devices()[0]
-    summary = {
-        "status": status,
-        **summarize(all_metrics, hard_targets=task.hard_targets),
-        "steps": int(state.step),
-        "resumed_from": resumed_from,
-        "nonfinite_steps": len(bad),
-        "nonfinite_events": [
-            {"step": row["step"], "quantities": nonfinite_names(row["nonfinite"])} for row in bad[:20]
-        ],
-        "steps_per_s": _finite_or_none(timing["rate"]),
-        "wall_s": time.perf_counter() - timing["start"],
-        "estimator": config.estimator,
-        "estimator_options": config.estimator_options,
-        "cell": config.model.cell,
-        "hidden": config.model.hidden,
-        "num_params": core.num_params,
-        "task": task.name,
-        "device": f"{device.platform}:{device.device_kind}",
-        "jax_version": jax.__version__,
-    }
+    wall_s = time.perf_counter() - timing["start"]
+    summary = {"status": status, **_run_summary(experiment, rows, int(state.step), resumed_from)}
+    summary.update(steps_per_s=_finite_or_none(timing["rate"]), wall_s=wall_s, **_describe(experiment))
     if status == "interrupted":
         summary["interrupt"] = event
     elif status == "stopped_nonfinite":
         summary["stop"] = event
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _run_summary(
+    experiment: Experiment, rows: list[dict[str, Any]], steps: int, resumed_from: int | None
+) -> dict[str, Any]:
+    """Losses, accuracy and non-finite events of a run, read off its metric rows."""
+    bad = [row for row in rows if row["nonfinite"]]
+    return {
+        **summarize(rows_to_metrics(rows), hard_targets=experiment.task.hard_targets),
+        "steps": steps,
+        "resumed_from": resumed_from,
+        "nonfinite_steps": len(bad),
+        "nonfinite_events": [
+            {"step": row["step"], "quantities": nonfinite_names(row["nonfinite"])} for row in bad[:20]
+        ],
+    }
+
+
+def _describe(experiment: Experiment) -> dict[str, Any]:
+    """What ran where: estimator, cell, task, device, versions."""
+    spec = experiment.spec
+    device = jax.devices()[0]
+    return {
+        "estimator": spec.estimator,
+        "estimator_options": spec.estimator_options,
+        "cell": spec.model.cell,
+        "hidden": spec.model.hidden,
+        "num_params": experiment.core.num_params,
+        "task": experiment.task.name,
+        "device": f"{device.platform}:{device.device_kind}",
+        "jax_version": jax.__version__,
+    }
 
 
 def restore_final_state(run_dir: str | Path) -> OnlineTrainState | None:
