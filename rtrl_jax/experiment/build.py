@@ -33,6 +33,10 @@ def check_name(key: str, value: Any, allowed: Sequence[str], what: str) -> None:
         raise ConfigError(f"{key}: unknown {what} {value!r}; allowed: {', '.join(allowed)}.")
 
 
+def _estimator_names() -> list[str]:
+    return [info.name for info in registry.registered()]
+
+
 def enable_dtype(name: str, *, key: str = "model.dtype") -> jnp.dtype:
     """The dtype ``name`` (``float32`` or ``float64``); ``float64`` switches on JAX's 64-bit mode."""
     if name not in DTYPES:
@@ -85,7 +89,7 @@ def build_estimator(
       ConfigError: an unknown name, an estimator that cannot serve ``core`` (naming the estimators
         that can), or options it does not take or accept.
     """
-    check_name(key, name, [info.name for info in registry.registered()], "estimator")
+    check_name(key, name, _estimator_names(), "estimator")
     reason = registry.get_estimator_info(name).unsupported_reason(core)
     if reason is not None:
         raise ConfigError(f"{key}: {registry.unsupported_message(name, core, reason)}")
@@ -182,10 +186,7 @@ class CompareJob(NamedTuple):
 def _check_train(spec: RunConfig) -> None:
     train = spec.train
     check_name("train.optimizer", train.optimizer, OPTIMIZERS, "optimizer")
-    if train.nonfinite not in NONFINITE_POLICIES:
-        raise ConfigError(
-            f"train.nonfinite: unknown policy {train.nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}."
-        )
+    check_name("train.nonfinite", train.nonfinite, NONFINITE_POLICIES, "policy")
     if train.checkpoint_every % train.chunk_size:
         raise ConfigError(
             f"train.checkpoint_every: {train.checkpoint_every} is not a multiple of"
@@ -195,9 +196,7 @@ def _check_train(spec: RunConfig) -> None:
 
 
 def _build_run(spec: RunConfig) -> Experiment:
-    check_name("estimator", spec.estimator, [info.name for info in registry.registered()], "estimator")
-    check_name("task", spec.task, list(TASKS), "task")
-    check_name("model.cell", spec.model.cell, list(CELLS), "cell")
+    check_name("estimator", spec.estimator, _estimator_names(), "estimator")
     dtype = enable_dtype(spec.model.dtype)
     _check_train(spec)
     task = build_task(spec.task, spec.task_options)
@@ -216,8 +215,6 @@ def _build_run(spec: RunConfig) -> Experiment:
 
 
 def _build_compare(spec: CompareConfig) -> CompareJob:
-    check_name("task", spec.task, list(TASKS), "task")
-    check_name("model.cell", spec.model.cell, list(CELLS), "cell")
     dtype = enable_dtype(spec.model.dtype)
     task = build_task(spec.task, spec.task_options)
     core = build_core(spec.model, task.input_size)
