@@ -34,42 +34,36 @@ def data(seed, batch=B):
     return jax.random.normal(kx, (T, batch, IN)), jax.random.normal(ky, (T, batch, OUT))
 
 
-class NoRecurrenceCell(nn.RNNCellBase):
-    """``h_t = tanh(W x_t + b)``: a cell that ignores its previous carry."""
+class _VectorCell(nn.RNNCellBase):
+    """A cell with a zero carry of ``features`` units."""
 
     features: int
+
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros(self.features)
+
+    @property
+    def num_feature_axes(self):
+        return 1
+
+
+class NoRecurrenceCell(_VectorCell):
+    """``h_t = tanh(W x_t + b)``: a cell that ignores its previous carry."""
 
     @nn.compact
     def __call__(self, carry, x):
         h = jnp.tanh(nn.Dense(self.features, name="i")(x))
         return h, h
 
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape):
-        return jnp.zeros(self.features)
 
-    @property
-    def num_feature_axes(self):
-        return 1
-
-
-class DiagonalCell(nn.RNNCellBase):
+class DiagonalCell(_VectorCell):
     """``h_t = tanh(λ ⊙ h_{t-1} + x_t)``: no Dense layer, so no Kronecker factor."""
-
-    features: int
 
     @nn.compact
     def __call__(self, carry, x):
         h = jnp.tanh(self.param("decay", nn.initializers.ones, (self.features,)) * carry + x)
         return h, h
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape):
-        return jnp.zeros(self.features)
-
-    @property
-    def num_feature_axes(self):
-        return 1
 
 
 class Stack(nn.Module):
