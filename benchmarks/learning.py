@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -330,48 +330,6 @@ _TRAINER_DEFAULTS = {
     "chunk": 1000,
 }
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "influence_balancing": {
-        "n": 23,
-        "num_plus": 10,
-        "theta0": 0.5,
-        "dtype": "float32",
-        "steps": 20000,
-        "learning_rate": 1e-3,
-        "seeds": 1,
-        "estimators": [{"estimator": "rtrl"}, {"estimator": "uoro"}],
-    },
-    "add": {
-        **_TRAINER_DEFAULTS,
-        "t1": 5,
-        "t2": 9,
-        "learning_rates": [],
-        "estimators": [{"estimator": "rtrl"}],
-    },
-    "copy_curriculum": {
-        **_TRAINER_DEFAULTS,
-        "num_symbols": 2,
-        "start_length": 1,
-        "threshold": 0.15,
-        "check_every": 100,
-        "estimators": [{"estimator": "rtrl"}],
-    },
-    "char_lm": {
-        **_TRAINER_DEFAULTS,
-        "text": "",
-        "max_chars": 200000,
-        "valid_chars": 5000,
-        "estimators": [{"estimator": "rtrl"}],
-    },
-}
-
-RUNNERS: dict[str, Callable[[dict], dict]] = {
-    "influence_balancing": run_influence_balancing,
-    "add": run_add,
-    "copy_curriculum": run_copy_curriculum,
-    "char_lm": run_char_lm,
-}
-
 
 def load_benchmark_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Reads a benchmark YAML (key ``benchmark:``), applies ``key=value`` overrides, fills defaults."""
@@ -382,64 +340,163 @@ def load_benchmark_config(path: str | Path, overrides: list[str] | tuple[str, ..
             raise ConfigError(f"override {text!r}: benchmark configs are flat (key=value).")
         data[key[0]] = value
     name = data.get("benchmark")
-    if name not in DEFAULTS:
-        raise ConfigError(f"benchmark: {name!r} is not one of {', '.join(DEFAULTS)}.")
-    unknown = sorted(set(data) - set(DEFAULTS[name]) - {"benchmark"})
+    if name not in BENCHMARKS:
+        raise ConfigError(f"benchmark: {name!r} is not one of {', '.join(BENCHMARKS)}.")
+    defaults = BENCHMARKS[name].defaults
+    unknown = sorted(set(data) - set(defaults) - {"benchmark"})
     if unknown:
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} for benchmark {name}; allowed: {', '.join(DEFAULTS[name])}."
-        )
-    cfg = {**DEFAULTS[name], **data}
+        raise ConfigError(f"unknown key {unknown[0]!r} for benchmark {name}; allowed: {', '.join(defaults)}.")
+    cfg = {**defaults, **data}
     for spec in cfg["estimators"]:
         if not isinstance(spec, dict) or "estimator" not in spec:
             raise ConfigError(f"estimators: each entry needs an 'estimator:' name, got {spec!r}.")
     return cfg
 
 
-def _summary_table(name: str, result: dict) -> str:
-    rows = result["results"]
-    if name == "influence_balancing":
-        head = (
-            "| estimator | final loss (mean over seeds) | final θ (θ* = {:.4f}) | diverged |\n"
-            "|---|---|---|---|\n"
+def _influence_balancing_table(result: dict) -> str:
+    head = (
+        "| estimator | final loss (mean over seeds) | final θ (θ* = {:.4f}) | diverged |\n|---|---|---|---|\n"
+    )
+    lines = [head.format(result["theta_star"])]
+    for label, r in result["results"].items():
+        finite = [x for x in r["final_loss"] if np.isfinite(x) and x < 1e6]
+        loss = f"{np.mean(finite):.3g}" if len(finite) == len(r["final_loss"]) else "diverged"
+        thetas = [t for t in r["final_theta"] if np.isfinite(t)]
+        theta = f"{np.mean(thetas):.4g}" if thetas else "nan"
+        lines.append(
+            f"| {label} | {loss} | {theta} | {len(r['final_loss']) - len(finite)}/{len(r['final_loss'])} |\n"
         )
-        lines = [head.format(result["theta_star"])]
-        for label, r in rows.items():
-            finite = [x for x in r["final_loss"] if np.isfinite(x) and x < 1e6]
-            loss = f"{np.mean(finite):.3g}" if len(finite) == len(r["final_loss"]) else "diverged"
-            thetas = [t for t in r["final_theta"] if np.isfinite(t)]
-            theta = f"{np.mean(thetas):.4g}" if thetas else "nan"
-            lines.append(
-                f"| {label} | {loss} | {theta} |"
-                f" {len(r['final_loss']) - len(finite)}/{len(r['final_loss'])} |\n"
-            )
-        return "".join(lines)
-    if name == "add":
-        b = result["baselines"]
-        lines = [
-            f"Baselines (cross-entropy): no memory {b['no_memory']:.3f}, t1 only {b['t1_only']:.3f},"
-            f" both lags {b['both']:.3f}.\n\n| estimator | learning rate | final loss (mean ± sd over seeds)"
-            " | s/run | final loss at each rate |\n|---|---|---|---|---|\n"
-        ]
-        for label, r in rows.items():
-            rates = ", ".join(f"{k}: {v:.3f}" for k, v in result["sweep"][label].items())
-            lines.append(
-                f"| {label} | {r['learning_rate']} | {np.mean(r['final_loss']):.4f} ±"
-                f" {np.std(r['final_loss']):.4f} | {np.mean(r['wall_s']):.1f} | {rates} |\n"
-            )
-        return "".join(lines)
-    if name == "copy_curriculum":
-        lines = ["| estimator | length reached (mean) | per seed |\n|---|---|---|\n"]
-        for label, r in rows.items():
-            lines.append(f"| {label} | {np.mean(r['length_reached']):.2f} | {r['length_reached']} |\n")
-        return "".join(lines)
+    return "".join(lines)
+
+
+def _add_table(result: dict) -> str:
+    b = result["baselines"]
+    lines = [
+        f"Baselines (cross-entropy): no memory {b['no_memory']:.3f}, t1 only {b['t1_only']:.3f},"
+        f" both lags {b['both']:.3f}.\n\n| estimator | learning rate | final loss (mean ± sd over seeds)"
+        " | s/run | final loss at each rate |\n|---|---|---|---|---|\n"
+    ]
+    for label, r in result["results"].items():
+        rates = ", ".join(f"{k}: {v:.3f}" for k, v in result["sweep"][label].items())
+        lines.append(
+            f"| {label} | {r['learning_rate']} | {np.mean(r['final_loss']):.4f} ±"
+            f" {np.std(r['final_loss']):.4f} | {np.mean(r['wall_s']):.1f} | {rates} |\n"
+        )
+    return "".join(lines)
+
+
+def _copy_curriculum_table(result: dict) -> str:
+    lines = ["| estimator | length reached (mean) | per seed |\n|---|---|---|\n"]
+    for label, r in result["results"].items():
+        lines.append(f"| {label} | {np.mean(r['length_reached']):.2f} | {r['length_reached']} |\n")
+    return "".join(lines)
+
+
+def _char_lm_table(result: dict) -> str:
     lines = [
         f"Unigram baseline: {result['unigram_bpc']:.3f} bits/char (vocabulary {result['vocab_size']}).\n\n"
         "| estimator | validation bits/char (mean ± sd over seeds) |\n|---|---|\n"
     ]
-    for label, r in rows.items():
+    for label, r in result["results"].items():
         lines.append(f"| {label} | {np.mean(r['valid_bpc']):.4f} ± {np.std(r['valid_bpc']):.4f} |\n")
     return "".join(lines)
+
+
+def _log_scale(ax: Any, result: dict) -> None:
+    del result
+    ax.set_yscale("log")
+
+
+def _baselines(ax: Any, result: dict) -> None:
+    for base, value in result["baselines"].items():
+        ax.axhline(value, color="gray", ls=":", lw=0.8)
+        ax.text(1.0, value, base, fontsize=7, va="bottom", ha="right")
+
+
+def _no_decoration(ax: Any, result: dict) -> None:
+    del ax, result
+
+
+class Benchmark(NamedTuple):
+    """A learning benchmark.
+
+    Attributes:
+      defaults: its config keys with their defaults (``benchmark:`` aside).
+      run: ``cfg -> result`` (``{"results": {label: {...}}, ...}``).
+      table: ``result -> markdown``.
+      curves: the key of each estimator's learning curves in its result.
+      ylabel: the curves' quantity.
+      decorate: ``(axes, result) -> None``: what the plot adds to the curves.
+    """
+
+    defaults: dict[str, Any]
+    run: Callable[[dict], dict]
+    table: Callable[[dict], str]
+    curves: str
+    ylabel: str
+    decorate: Callable[[Any, dict], None] = _no_decoration
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "influence_balancing": Benchmark(
+        defaults={
+            "n": 23,
+            "num_plus": 10,
+            "theta0": 0.5,
+            "dtype": "float32",
+            "steps": 20000,
+            "learning_rate": 1e-3,
+            "seeds": 1,
+            "estimators": [{"estimator": "rtrl"}, {"estimator": "uoro"}],
+        },
+        run=run_influence_balancing,
+        table=_influence_balancing_table,
+        curves="curves",
+        ylabel="loss ½(s¹−1)²",
+        decorate=_log_scale,
+    ),
+    "add": Benchmark(
+        defaults={
+            **_TRAINER_DEFAULTS,
+            "t1": 5,
+            "t2": 9,
+            "learning_rates": [],
+            "estimators": [{"estimator": "rtrl"}],
+        },
+        run=run_add,
+        table=_add_table,
+        curves="curves",
+        ylabel="cross-entropy",
+        decorate=_baselines,
+    ),
+    "copy_curriculum": Benchmark(
+        defaults={
+            **_TRAINER_DEFAULTS,
+            "num_symbols": 2,
+            "start_length": 1,
+            "threshold": 0.15,
+            "check_every": 100,
+            "estimators": [{"estimator": "rtrl"}],
+        },
+        run=run_copy_curriculum,
+        table=_copy_curriculum_table,
+        curves="length_curves",
+        ylabel="copy length",
+    ),
+    "char_lm": Benchmark(
+        defaults={
+            **_TRAINER_DEFAULTS,
+            "text": "",
+            "max_chars": 200000,
+            "valid_chars": 5000,
+            "estimators": [{"estimator": "rtrl"}],
+        },
+        run=run_char_lm,
+        table=_char_lm_table,
+        curves="train_bpc_curves",
+        ylabel="training bits/char",
+    ),
+}
 
 
 def _plot(name: str, result: dict, path: Path) -> None:
@@ -448,34 +505,18 @@ def _plot(name: str, result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = {
-        "influence_balancing": "curves",
-        "add": "curves",
-        "copy_curriculum": "length_curves",
-        "char_lm": "train_bpc_curves",
-    }[name]
-    ylabel = {
-        "influence_balancing": "loss ½(s¹−1)²",
-        "add": "cross-entropy",
-        "copy_curriculum": "copy length",
-        "char_lm": "training bits/char",
-    }[name]
+    benchmark = BENCHMARKS[name]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in result["results"].items():
-        curves = [np.array([np.nan if v is None else v for v in c], np.float64) for c in r[key]]
+        curves = [np.array([np.nan if v is None else v for v in c], np.float64) for c in r[benchmark.curves]]
         size = min(len(c) for c in curves)
         with warnings.catch_warnings():  # all-NaN columns after a divergence
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(np.stack([c[:size] for c in curves]), axis=0)
         ax.plot(np.linspace(0, 1, size), mean, label=label)
-    if name == "influence_balancing":
-        ax.set_yscale("log")
-    if name == "add":
-        for base, value in result["baselines"].items():
-            ax.axhline(value, color="gray", ls=":", lw=0.8)
-            ax.text(1.0, value, base, fontsize=7, va="bottom", ha="right")
+    benchmark.decorate(ax, result)
     ax.set_xlabel("fraction of the step budget")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(benchmark.ylabel)
     ax.set_title(f"{name}: learning curves (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -490,7 +531,7 @@ def run_benchmark(cfg: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = RUNNERS[name](cfg)
+    result = BENCHMARKS[name].run(cfg)
     device = jax.devices()[0]
     document = {
         "benchmark": name,
@@ -501,8 +542,7 @@ def run_benchmark(cfg: dict, out_dir: str | Path) -> dict:
         **result,
     }
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
-    table = _summary_table(name, result)
-    (out_dir / f"{name}.md").write_text(table)
+    (out_dir / f"{name}.md").write_text(BENCHMARKS[name].table(result))
     _plot(name, result, out_dir / f"{name}.png")
     return document
 
