@@ -336,12 +336,20 @@ def test_batch_equals_the_sum_of_single_streams_and_reset_starts_a_stream_afresh
         assert relative_error(batched[t], jax.tree.map(jnp.add, stream0, stream1[t])) <= 1e-12
 
 
-def test_different_estimators_per_layer_train_under_jit_with_optax():
-    model = Stack(
-        (nn.GRUCell(H), nn.GRUCell(H), nn.SimpleCell(H)), estimators=("uoro", "snap", "rtrl"), norm=True
+def test_sequential_embedding_and_different_estimators_per_layer_train_under_jit_with_optax():
+    vocab = 5
+    model = nn.Sequential(
+        [
+            nn.Embed(vocab, H),
+            rj.OnlineRNN(nn.GRUCell(H), "uoro"),  # stochastic: keys from the stored key
+            rj.OnlineRNN(nn.GRUCell(H), "snap"),
+            nn.LayerNorm(),
+            rj.OnlineRNN(nn.SimpleCell(H), "rtrl"),
+            nn.Dense(vocab),
+        ]
     )
-    xs, ys = data(5, batch=3)
-    variables = init(model, xs)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (T + 1, 3), 0, vocab)
+    variables = rj.cast_floating(model.init(jax.random.PRNGKey(0), tokens[0]), jnp.float64)
     params, state = variables["params"], {"online": variables["online"]}
     tx = optax.adam(1e-2)
     opt_state = tx.init(params)
@@ -349,21 +357,23 @@ def test_different_estimators_per_layer_train_under_jit_with_optax():
     @jax.jit
     def train_step(params, opt_state, state, x, y):
         def loss(params):
-            out, state_ = model.apply({"params": params, **state}, x, mutable=["online"])
-            return step_loss(out, y), state_
+            logits, state_ = model.apply({"params": params, **state}, x, mutable=["online"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(), state_
 
-        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (_, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state, grads
 
-    first = params
+    first, keys = params, [state["online"]["layers_1"]["key"]]
     for t in range(T):
-        params, opt_state, state, grads = train_step(params, opt_state, state, xs[t], ys[t])
+        params, opt_state, state, grads = train_step(params, opt_state, state, tokens[t], tokens[t + 1])
         assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-    assert all(np.any(g) for g in jax.tree.leaves(grads))
+        keys.append(state["online"]["layers_1"]["key"])
+    assert all(np.any(g) for g in jax.tree.leaves(grads))  # the embedding and every layer train
     assert all(
         not np.allclose(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(params), strict=True)
     )
+    assert len({tuple(np.asarray(k).ravel()) for k in keys}) == T + 1  # a fresh key every step
     assert train_step._cache_size() == 1
 
 
