@@ -248,9 +248,19 @@ class OnlineRNN(nn.Module):
     over streams) and the input gets ``c_t · ∂h_t/∂x_t``, so layers below it train too; nothing
     flows into past steps (see the module docstring for what that drops).
 
+    With ``h_t = F(h_{t-1}, x_t; θ)`` the cell, ``J_t ≈ ∂h_t/∂θ`` its trace (inputs taken as given)
+    and ``c_t = ∂L_t/∂h_t`` what reaches the layer from above at step ``t``::
+
+        ∂L_t/∂θ  ≈ c_t · J_t              (exact with an exact estimator and nothing recurrent above)
+        ∂L_t/∂x_t = c_t · ∂F/∂x_t         (exact for step t; no path through h_{t-1} into the past)
+
     The cell's parameters live under ``params/<layer>/core`` with the cell's own structure.
     Estimators that need a random key draw one per step from the rng stream ``rng_stream`` when the
     apply call has it (``rngs={"online": key}``), otherwise from a key stored in the collection.
+    A cell the estimator cannot serve raises a ``ValueError`` naming the layer.
+
+    Reference: Zucchet et al. 2023, "Online learning of long-range dependencies",
+    arXiv:2305.15947 (a trace per layer, gradients across layers at the current step).
 
     Attributes:
       cell: a linen recurrent cell (``cell(carry, x) -> (carry, out)``, ``initialize_carry``):
@@ -393,6 +403,10 @@ class NNXOnlineRNN(nnx.Module):
       options: the estimator's keyword options.
       input_size: the input features (defaults to the cell's ``in_features``).
       name: the layer's name in messages (defaults to the cell's class name).
+
+    Raises:
+      ValueError: naming the layer, for an estimator that cannot serve the cell (the Kronecker
+        estimators ``"kf"`` and ``"ok"`` need a linen cell).
 
     Example::
 
