@@ -377,6 +377,21 @@ def test_sequential_embedding_and_different_estimators_per_layer_train_under_jit
     assert train_step._cache_size() == 1
 
 
+def test_stochastic_layer_draws_from_the_rng_stream_when_the_call_has_one():
+    model = rj.OnlineRNN(nn.SimpleCell(8), "uoro")  # 16 random signs per step: keys tell apart
+    x = jnp.ones((B, IN), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    apply = jax.jit(lambda key: model.apply(variables, x, mutable=["online"], rngs={"online": key})[1])
+    first, again, other = (
+        apply(jax.random.PRNGKey(1)),
+        apply(jax.random.PRNGKey(1)),
+        apply(jax.random.PRNGKey(2)),
+    )
+    assert relative_error(first["online"]["trace"], again["online"]["trace"]) == 0
+    assert relative_error(first["online"]["trace"], other["online"]["trace"]) > 1e-3
+    np.testing.assert_array_equal(first["online"]["key"], variables["online"]["key"])  # stored key unused
+
+
 def test_nnx_layer_gives_the_linen_gradients():
     class Linen(nn.Module):
         @nn.compact
