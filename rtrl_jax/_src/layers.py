@@ -18,13 +18,16 @@ What is dropped, and when the gradient is exact:
 
 - dropped is the influence of ``θ^l`` (and of everything below layer ``l``) on *later* states of the
   layers above through their recurrences: ``∂h^{l+1}_t/∂h^{l+1}_{t-1} · ∂h^{l+1}_{t-1}/∂x^{l+1}_{t-1}
-  ...`` is never formed. The per-layer gradient equals BPTT through a graph in which every layer's
-  input is cut (``lax.stop_gradient``) at every step but the current one.
+  ...`` is never formed. Keeping it would take the influence of ``θ^l`` on the states of every
+  layer above, a trace the size of the whole stack's; dropping it keeps each layer's cost its own.
+  The per-layer gradient equals BPTT through a graph in which every layer's input is cut
+  (``lax.stop_gradient``) at every step but the current one.
 - one recurrent layer: the head's and the layer's gradients are exact (with an exact estimator);
   an encoder or embedding below it gets only the current-step path. To make it exact, fold the
   encoder into the layer's core (:class:`StackedCell`), so the trace covers its parameters too.
-- a layer whose cell has no recurrence (``F^l`` ignores ``h^l_{t-1}``) passes nothing through time,
-  so nothing is dropped across it.
+- in general, the gradient of ``θ^l`` is exact (with exact estimators) when no layer above ``l``
+  carries state through time, e.g. when the layers above have no recurrence (``F^{l'}`` ignores
+  ``h^{l'}_{t-1}``): then there is no path to drop.
 - a whole stack as ONE core (``OnlineRNN(StackedCell([...]))``) with exact RTRL is exact BPTT, at
   the whole stack's cost ``S²P``: the comparison point for the per-layer traces.
 
