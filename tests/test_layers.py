@@ -170,21 +170,25 @@ def total(per_step):
 
 def test_online_step_input_cotangent_is_the_immediate_input_jacobian():
     core = rj.from_linen(nn.GRUCell(H), IN)
-    params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
-    carry = jax.random.normal(jax.random.PRNGKey(1), (H,))
-    x, y = jax.random.normal(jax.random.PRNGKey(2), (IN,)), jax.random.normal(jax.random.PRNGKey(3), (H,))
+    params, _ = core.init(jax.random.PRNGKey(0), jnp.float64)
+    carry, x, y = (jax.random.normal(jax.random.PRNGKey(k), (n,)) for k, n in ((1, H), (2, IN), (3, H)))
     estimator = rj.rtrl(core)
-    trace = estimator.step(estimator.init(params, carry), params, carry, x)[2]
     step = rj.online_step(core, estimator)
 
-    def loss(trace, carry, x):
+    def loss(trace, carry, x):  # reads the output and the new carry
         new_carry, out, _ = step(params, trace, carry, x, None)
         return step_loss(out, y) + jnp.sum(new_carry**3)
 
-    trace_bar, carry_bar, x_bar = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(trace, carry, x)
-    expected = jax.grad(
-        lambda x: step_loss(core(params, carry, x)[1], y) + jnp.sum(core(params, carry, x)[0] ** 3)
-    )(x)
+    def direct(x):  # the same loss of the bare core, previous carry held fixed
+        new_carry, out = core(params, carry, x)
+        return step_loss(out, y) + jnp.sum(new_carry**3)
+
+    @jax.jit
+    def both():
+        trace = estimator.step(estimator.init(params, carry), params, carry, x)[2]
+        return jax.grad(loss, argnums=(0, 1, 2))(trace, carry, x), jax.grad(direct)(x)
+
+    (trace_bar, carry_bar, x_bar), expected = both()
     np.testing.assert_allclose(x_bar, expected, rtol=1e-13, atol=1e-15)
     assert not np.any(jax.flatten_util.ravel_pytree((trace_bar, carry_bar))[0])
 
@@ -377,11 +381,12 @@ def test_sequential_embedding_and_different_estimators_per_layer_train_under_jit
     assert train_step._cache_size() == 1
 
 
+@pytest.mark.slow  # the stored-key path runs by default (the Sequential test)
 def test_stochastic_layer_draws_from_the_rng_stream_when_the_call_has_one():
     model = rj.OnlineRNN(nn.SimpleCell(8), "uoro")  # 16 random signs per step: keys tell apart
     x = jnp.ones((B, IN), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x)
-    apply = jax.jit(lambda key: model.apply(variables, x, mutable=["online"], rngs={"online": key})[1])
+    apply = lambda key: model.apply(variables, x, mutable=["online"], rngs={"online": key})[1]  # noqa: E731
     first, again, other = (
         apply(jax.random.PRNGKey(1)),
         apply(jax.random.PRNGKey(1)),
