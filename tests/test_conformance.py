@@ -1,0 +1,98 @@
+"""Every registered estimator × every shipped cell it serves × float32 and float64, held to the
+checks of ``tests/conformance.py`` (shapes and dtypes, jit without retracing, vmap, the drop-in,
+keys, exactness against BPTT where the registry says exact and not elsewhere).
+
+The cases are read off ``rtrl_jax.registered()`` when this module is collected; ``conftest.py``
+imports every test module first, so an estimator that a test module registers at import time is
+covered whatever the collection order. The default run covers every estimator on the
+``conformance.DEFAULT_CELLS`` it serves (or, serving none, on the first cell it serves); the other
+cells are marked ``slow`` (``pytest -m slow``). Each case is computed once (two compiled programs)
+and shared by its tests.
+"""
+
+import conformance
+import pytest
+
+import rtrl_jax
+
+
+def _cases():
+    """Default cases: each estimator on the default cells it serves (or, serving none, on the first
+    shipped cell it serves). ``slow`` cases: on every other shipped cell; whether it serves the
+    cell is asked when the case runs (asking costs a trace of the cell), and a case of a cell it
+    does not serve is skipped with the estimator's reason."""
+    cases = []
+    for info in rtrl_jax.registered():
+        default = conformance.cells_served(info, conformance.DEFAULT_CELLS)
+        if not default:
+            default = conformance.cells_served(info)[:1]
+        for cell in conformance.CELLS:
+            marks = () if cell in default else (pytest.mark.slow,)
+            for dtype in conformance.DTYPES:
+                case_id = f"{info.name}-{cell}-{dtype}"
+                cases.append(pytest.param(info.name, cell, dtype, id=case_id, marks=marks))
+    return cases
+
+
+CASES = _cases()
+FLOAT64_CASES = [case for case in CASES if case.values[2] == "float64"]
+COLLECTED = sorted({case.values[0] for case in CASES})
+
+
+@pytest.fixture(scope="session")
+def results():
+    """``results(name, cell, dtype)``: the case computed once per session (an error, too)."""
+    cache = {}
+
+    def get(name, cell, dtype):
+        key = (name, cell, dtype)
+        reason = rtrl_jax.get_estimator_info(name).unsupported_reason(conformance.core_of(cell))
+        if reason is not None:
+            pytest.skip(f"{name} does not serve {cell}: {reason}")
+        if key not in cache:
+            try:
+                cache[key] = conformance.compute(rtrl_jax.get_estimator_info(name), cell, dtype)
+            except Exception as error:  # noqa: BLE001 - every test of the case reports it
+                cache[key] = error
+        if isinstance(cache[key], Exception):
+            raise cache[key]
+        return cache[key]
+
+    return get
+
+
+def test_every_registered_estimator_is_covered():
+    registered = sorted(info.name for info in rtrl_jax.registered())
+    assert registered == COLLECTED, "an estimator registered after collection has no conformance cases"
+    default = {case.values[0] for case in CASES if not case.marks}
+    assert default == set(registered), "every estimator has cases in the default run"
+
+
+@pytest.mark.parametrize("name, cell, dtype", CASES)
+def test_shapes_and_dtypes(results, name, cell, dtype):
+    conformance.check_shapes_and_dtypes(results(name, cell, dtype))
+
+
+@pytest.mark.parametrize("name, cell, dtype", CASES)
+def test_jit_does_not_recompile(results, name, cell, dtype):
+    conformance.check_jit_does_not_recompile(results(name, cell, dtype))
+
+
+@pytest.mark.parametrize("name, cell, dtype", CASES)
+def test_vmap_equals_per_stream_loop(results, name, cell, dtype):
+    conformance.check_vmap_equals_loop(results(name, cell, dtype))
+
+
+@pytest.mark.parametrize("name, cell, dtype", CASES)
+def test_drop_in_equals_online_grad(results, name, cell, dtype):
+    conformance.check_drop_in(results(name, cell, dtype))
+
+
+@pytest.mark.parametrize("name, cell, dtype", CASES)
+def test_key_required_exactly_when_registered(results, name, cell, dtype):
+    conformance.check_key(results(name, cell, dtype))
+
+
+@pytest.mark.parametrize("name, cell, dtype", FLOAT64_CASES)
+def test_exact_where_registered_and_not_elsewhere(results, name, cell, dtype):
+    conformance.check_exactness(results(name, cell, dtype))
