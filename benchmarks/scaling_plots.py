@@ -2,7 +2,8 @@
 
 `python benchmarks/scaling_plots.py [--sizes 8 16 32] [--steps 400] [--keys 8]` writes
 - `benchmarks/results/time_vs_n.png`: per-step time of every estimator against n (log-log) from the
-  issue-6 benchmark's `speed_memory.json`, with n² and n⁴ guides;
+  `benchmarks/results/speed_memory.json` (written by `python benchmarks/speed_memory.py --large`),
+  with n² and n⁴ guides;
 - `benchmarks/results/variance_vs_n.{json,md,png}`: relative variance, squared bias and per-step
   cosine with exact RTRL against n, from `rtrl_jax.compare_gradients` on the add task (tanh RNN,
   frozen parameters, float64).

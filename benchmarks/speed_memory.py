@@ -22,7 +22,7 @@ Usage::
     python benchmarks/speed_memory.py --large               # adds n = 256/512 where it makes sense
     python benchmarks/speed_memory.py --estimators rtrl uoro --sizes 64 128 --json out.json
 
-It runs unchanged on GPU/TPU (``JAX_PLATFORMS`` picks the backend).
+The backend is whatever JAX selects (``JAX_PLATFORMS`` picks it: CPU, GPU or TPU).
 """
 
 from __future__ import annotations
