@@ -25,6 +25,7 @@ from rtrl_jax._src.compare import (
     gradient_trajectory,
 )
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
+from rtrl_jax._src.kernl import KeRNLState, kernl
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
 from rtrl_jax._src.layers import NNXOnlineRNN, OnlineRNN, OnlineState, StackedCell
@@ -91,6 +92,7 @@ __all__ = [
     "GradientTrajectory",
     "Head",
     "KFRTRLState",
+    "KeRNLState",
     "KroneckerState",
     "LRUCell",
     "LeakyRNNCell",
@@ -135,6 +137,7 @@ __all__ = [
     "influence_matrix",
     "is_exact",
     "init_train_state",
+    "kernl",
     "kf_merge",
     "kf_rtrl",
     "linear_head",
