@@ -48,6 +48,7 @@ time recurrent learning with a sparse approximation", ICLR 2021, arXiv:2006.0723
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from typing import Any, NamedTuple
 
@@ -100,6 +101,19 @@ def _core_specs(core: Any) -> tuple[Any, Any, tuple[int, ...]]:
 
 
 _PATTERN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBING = contextvars.ContextVar("rtrl_jax_probing_structure", default=False)
+
+
+def probing_structure() -> bool:
+    """Whether the core is being traced by the sparsity probes of :func:`sparsity_patterns`.
+
+    A cell whose derivatives vanish on whole regions of its state (a spike's pseudo-derivative
+    outside its support, a refractory gate: :mod:`rtrl_jax._src.spiking`) reads this when it is
+    traced and then returns derivatives that are non-zero wherever they can be, so that the probes
+    find its structural pattern rather than the zeros of a random point. It changes the patterns
+    only, never a value an estimator computes (they trace the cell outside the probes).
+    """
+    return _PROBING.get()
 
 
 def sparsity_patterns(core: Any, *, num_probes: int = 3, seed: int = 0) -> SparsityPatterns:
@@ -168,14 +182,18 @@ def _probe_patterns(core: Any, num_probes: int, seed: int) -> SparsityPatterns:
     chunk = max(1, min(s, _ROW_CHUNK_ELEMENTS // max((p + s) * num_probes, 1)))
     blocks, dyn_blocks = [], []
     eye = np.eye(s)
-    for start in range(0, s, chunk):
-        rows = eye[start : start + chunk]
-        if rows.shape[0] < chunk:  # one compiled shape for every chunk
-            rows = np.concatenate([rows, np.zeros((chunk - rows.shape[0], s))])
-        block, dyn_block = probe(ps, hs, xs, rows)
-        keep = min(chunk, s - start)
-        blocks.append(sp.csr_matrix(np.asarray(block)[:keep]))
-        dyn_blocks.append(sp.csr_matrix(np.asarray(dyn_block)[:keep]))
+    probing = _PROBING.set(True)  # `probe` is traced on its first call, inside
+    try:
+        for start in range(0, s, chunk):
+            rows = eye[start : start + chunk]
+            if rows.shape[0] < chunk:  # one compiled shape for every chunk
+                rows = np.concatenate([rows, np.zeros((chunk - rows.shape[0], s))])
+            block, dyn_block = probe(ps, hs, xs, rows)
+            keep = min(chunk, s - start)
+            blocks.append(sp.csr_matrix(np.asarray(block)[:keep]))
+            dyn_blocks.append(sp.csr_matrix(np.asarray(dyn_block)[:keep]))
+    finally:
+        _PROBING.reset(probing)
     dynamics = sp.vstack(dyn_blocks, format="csr") if dyn_blocks else sp.csr_matrix((s, s), dtype=bool)
     immediate = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((s, p), dtype=bool)
     return SparsityPatterns(immediate.astype(bool).tocsr(), dynamics.astype(bool).tocsr())
