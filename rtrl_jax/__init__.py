@@ -25,6 +25,7 @@ from rtrl_jax._src.compare import (
     gradient_trajectory,
 )
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
+from rtrl_jax._src.eprop import EpropState, eprop, neuron_units
 from rtrl_jax._src.kernl import KeRNLState, kernl
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
@@ -65,6 +66,7 @@ from rtrl_jax._src.snap import (
     snap_mask_from_patterns,
     sparsity_patterns,
 )
+from rtrl_jax._src.spiking import ALIFCell, ALIFState, LIFCell, LIFState
 from rtrl_jax._src.tasks import Stream, Task, add_task, copy_task, sample_batch
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
 from rtrl_jax._src.train_state import RecurrentTrainState
@@ -83,10 +85,13 @@ from rtrl_jax._src.uoro import UOROState, uoro
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALIFCell",
+    "ALIFState",
     "Comparison",
     "Core",
     "CoreFn",
     "ELSTMCell",
+    "EpropState",
     "Estimator",
     "EstimatorInfo",
     "GradientTrajectory",
@@ -94,6 +99,8 @@ __all__ = [
     "KFRTRLState",
     "KeRNLState",
     "KroneckerState",
+    "LIFCell",
+    "LIFState",
     "LRUCell",
     "LeakyRNNCell",
     "NNXOnlineRNN",
@@ -123,6 +130,7 @@ __all__ = [
     "compare_gradients",
     "copy_task",
     "dynamics_and_immediate",
+    "eprop",
     "estimator_options",
     "estimators_for",
     "find_units",
@@ -144,6 +152,7 @@ __all__ = [
     "make_estimator",
     "make_mesh",
     "make_train_step",
+    "neuron_units",
     "ok",
     "ok_is_exact",
     "ok_reduce",
