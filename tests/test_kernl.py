@@ -167,6 +167,9 @@ def test_options_and_key():
 @pytest.mark.slow
 def test_trainer_learns_add_task_with_kernl():
     core = rtrl_jax.from_linen(rtrl_jax.LeakyRNNCell(16, tau=2.0), 2)
-    learned = add_task_loss(core, kernl(core, learning_rate=1e-3, noise_scale=1e-2))
+    estimator = kernl(core, learning_rate=1e-3, noise_scale=1e-2)
+    learned = add_task_loss(core, estimator)
+    readout = add_task_loss(core, estimator, readout_only=True)
     no_memory = add_task_baselines()["no_memory"]
     assert learned < no_memory - 0.04, (learned, no_memory)
+    assert learned < readout - 0.02, (learned, readout)
