@@ -180,14 +180,31 @@ def unsupported_message(name: str, core: Any, reason: str) -> str:
     )
 
 
+def _check_is_core(name: str, core: Any) -> None:
+    """A Flax module is a cell, not a core: say how to make one."""
+    if any(base.__module__.startswith("flax.") and base.__name__ == "Module" for base in type(core).__mro__):
+        raise TypeError(
+            f"estimator {name!r} needs a core, got the Flax module {type(core).__name__}: build one with"
+            " rtrl_jax.from_linen(cell, input_size) for a linen cell or rtrl_jax.from_nnx(cell) for"
+            " an nnx cell."
+        )
+    if not callable(core):
+        raise TypeError(
+            f"estimator {name!r} needs a core (a step function (params, carry, x) -> (carry, out)),"
+            f" got {type(core).__name__}."
+        )
+
+
 def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
     """Builds the estimator ``name`` for ``core``.
 
     Raises:
       ValueError: for an unknown name, an unknown option, or an estimator that cannot serve the
         core (the message names the core and the estimators that can).
+      TypeError: ``core`` is not a core (e.g. a Flax cell not yet wrapped by ``from_linen``).
     """
     info = get_estimator_info(name)
+    _check_is_core(name, core)
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         raise ValueError(

@@ -52,7 +52,13 @@ class Task(NamedTuple):
 
 
 def sample_batch(task: Task, key: jax.Array, num_steps: int, batch_size: int) -> Stream:
-    """``batch_size`` independent streams of ``task``: a :class:`Stream` with leading axes (B, T)."""
+    """``batch_size`` independent streams of ``task``: a :class:`Stream` with leading axes (B, T).
+
+    Raises:
+      ValueError: ``num_steps`` or ``batch_size`` is not a positive integer.
+    """
+    _check_positive("num_steps", num_steps)
+    _check_positive("batch_size", batch_size)
     return jax.vmap(lambda k: task.sample(k, num_steps))(jax.random.split(key, batch_size))
 
 
