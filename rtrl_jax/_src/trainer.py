@@ -12,20 +12,29 @@ At every step ``t`` of a batch of independent streams the trainer
 Everything a run needs between steps is the :class:`OnlineTrainState` pytree, so a whole run is one
 ``jax.lax.scan`` and can be stopped and resumed between chunks.
 
+A whole Flax model trains the same way (:func:`make_model_train_step`, :func:`train_model_online`):
+a linen module with :class:`~rtrl_jax.OnlineRNN` layers (encoders, norms, residuals, any head) and
+any per-step loss. Its recurrent layers keep their carries and traces in the model's ``"online"``
+collection, which the :class:`ModelTrainState` carries between steps; ``jax.grad`` of the batch's
+step loss gives every parameter its online gradient (per-layer traces, gradients across layers at
+the current step: see :mod:`rtrl_jax._src.layers` for what that computes). Both kinds of step share
+the non-finite guard, the metrics and the jitted chunks.
+
 Numerical guard: every step checks the loss, the gradient, the new carries and traces and the
 updated parameters for non-finite values. Under the default policy ``"skip"`` a bad step leaves the
-parameters and optimizer state unchanged and restarts the carries and traces of all streams; under
-``"stop"`` the run also halts after that step (:class:`NonFiniteError` from :func:`train_online`);
-``"ignore"`` applies the update anyway. The quantities found are in ``StepMetrics.nonfinite`` (bit
-flags, :func:`nonfinite_names`).
+parameters and optimizer state unchanged and restarts the carries and traces of all streams (a whole
+model's at its next step); under ``"stop"`` the run also halts after that step
+(:class:`NonFiniteError` from :func:`train_online`); ``"ignore"`` applies the update anyway. The
+quantities found are in ``StepMetrics.nonfinite`` (bit flags, :func:`nonfinite_names`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,8 +136,8 @@ class NonFiniteError(FloatingPointError):
     Attributes:
       step: the 1-based step whose values were not finite.
       quantities: their names (``loss``, ``grad``, ``carry``, ``trace``, ``params``).
-      state: the state after that step (its update skipped, carries and traces restarted): training
-        can resume from it.
+      state: the state after that step (its update skipped, carries and traces restarted; a whole
+        model's restart at its next step): training can resume from it.
       metrics: the per-step metrics up to and including that step.
     """
 
@@ -231,7 +240,7 @@ def make_train_step(
             params["head"], out
         )
         core_bar = online_grad(core, estimator, new_trace, params["core"], new_carry, out_bar)
-        correct = weight * (jnp.argmax(logits) == jnp.argmax(target))
+        correct = weight * _hit(logits, target)
         grads = {"core": core_bar, "head": head_bar}
         return new_carry, new_trace, loss, correct, grads
 
@@ -249,21 +258,11 @@ def make_train_step(
             params, trace, carry, batch.inputs, batch.targets, batch.mask, step_keys
         )
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        checks = {
-            "loss": _all_finite(loss),
-            "grad": _all_finite(grads),
-            "carry": _all_finite(carry),
-            "trace": _all_finite(trace),
-            "params": _all_finite(new_params),
-        }
-        flags = sum(jnp.where(ok, 0, NONFINITE_FLAGS[name]) for name, ok in checks.items())
-        flags = flags.astype(jnp.int32)
+        new_params, opt_state, flags = _guarded_update(
+            optimizer, nonfinite, params, state.opt_state, grads, loss, carry, trace
+        )
         if nonfinite != "ignore":
-            ok = flags == 0
-            new_params, opt_state = _select(ok, (new_params, opt_state), (params, state.opt_state))
-            everywhere = jnp.broadcast_to(ok, batch.reset.shape)
+            everywhere = jnp.broadcast_to(flags == 0, batch.reset.shape)
             carry = _select(everywhere, carry, fresh_carry)
             trace = _select(everywhere, trace, fresh_trace)
         new_state = OnlineTrainState(
@@ -274,21 +273,190 @@ def make_train_step(
             trace=trace,
             key=key,
         )
-        metrics = StepMetrics(
-            loss=jnp.sum(loss),
-            weight=jnp.sum(batch.mask),
-            correct=jnp.sum(correct),
-            grad_norm=optax.global_norm(grads),
-            nonfinite=flags,
-        )
-        return new_state, metrics
+        return new_state, _step_metrics(loss, batch.mask, correct, grads, flags)
 
     return train_step
+
+
+def _hit(out: jax.Array, target: jax.Array) -> jax.Array:
+    """Whether the argmax of one stream's output is the target's (or the integer label)."""
+    if jnp.issubdtype(jnp.result_type(target), jnp.integer):
+        return jnp.argmax(out) == target
+    return jnp.argmax(out) == jnp.argmax(target)
+
+
+def _guarded_update(
+    optimizer: optax.GradientTransformation,
+    nonfinite: str,
+    params: Params,
+    opt_state: Any,
+    grads: Params,
+    loss: jax.Array,
+    carry: Any,
+    trace: Any,
+) -> tuple[Params, Any, jax.Array]:
+    """The optimizer's update, kept only when every quantity is finite (unless ``nonfinite="ignore"``).
+
+    Returns:
+      ``(params, opt_state, flags)``: the updated (or, after a non-finite step, the given)
+      parameters and optimizer state, and the :data:`NONFINITE_FLAGS` of the step (0 when finite).
+    """
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    checks = {
+        "loss": _all_finite(loss),
+        "grad": _all_finite(grads),
+        "carry": _all_finite(carry),
+        "trace": _all_finite(trace),
+        "params": _all_finite(new_params),
+    }
+    flags = sum(jnp.where(ok, 0, NONFINITE_FLAGS[name]) for name, ok in checks.items())
+    flags = flags.astype(jnp.int32)
+    if nonfinite != "ignore":
+        new_params, new_opt_state = _select(flags == 0, (new_params, new_opt_state), (params, opt_state))
+    return new_params, new_opt_state, flags
+
+
+def _step_metrics(loss, mask, correct, grads, flags) -> StepMetrics:
+    return StepMetrics(
+        loss=jnp.sum(loss),
+        weight=jnp.sum(mask),
+        correct=jnp.sum(correct),
+        grad_norm=optax.global_norm(grads),
+        nonfinite=flags,
+    )
 
 
 def _check_policy(nonfinite: str) -> None:
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}.")
+
+
+class ModelTrainState(NamedTuple):
+    """Everything an online run of a whole Flax model carries from one step to the next (a pytree).
+
+    Attributes:
+      step: the number of stream steps taken.
+      params: the model's ``"params"`` collection, the trainable parameters.
+      opt_state: the optimizer state of ``params``.
+      online: the model's other collections (``{"online": ...}``: the carries and traces of its
+        :class:`~rtrl_jax.OnlineRNN` layers, leading axis batch).
+      restart: ``(batch,)`` booleans: streams whose carries and traces start afresh at the next
+        step (set for every stream after a skipped non-finite step).
+      key: the random key for the next step.
+    """
+
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    online: Any
+    restart: jax.Array
+    key: jax.Array
+
+
+MODEL_RNG_STREAMS = ("online", "dropout")
+"""The rng streams a whole model's step is applied with (one key each, fresh every step)."""
+
+
+def init_model_train_state(
+    optimizer: optax.GradientTransformation,
+    variables: Mapping[str, Any],
+    *,
+    batch_size: int,
+    key: jax.Array,
+) -> ModelTrainState:
+    """The state at the start of an online run of a whole model.
+
+    Args:
+      optimizer: the Optax transformation of the model's parameter gradients.
+      variables: the model's variables, e.g. ``model.init(key, x0, reset0)`` for a first input
+        ``x0`` of ``batch_size`` streams: ``"params"`` and the collections that hold the carries
+        and traces (``"online"``), leading axis ``batch_size``.
+      batch_size: the number of streams.
+      key: the random key of the run (the rng streams :data:`MODEL_RNG_STREAMS` of every step).
+
+    Returns:
+      A :class:`ModelTrainState` at step 0.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    online = {name: value for name, value in variables.items() if name != "params"}
+    params = variables["params"]
+    return ModelTrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        online=online,
+        restart=jnp.zeros((batch_size,), bool),
+        key=key,
+    )
+
+
+def _split_online(online: Any) -> tuple[list, list]:
+    """The leaves of a model's online collections: ``(carries and other state, traces)``."""
+    carry, trace = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(online):
+        in_trace = any(getattr(entry, "key", None) == "trace" for entry in path)
+        (trace if in_trace else carry).append(leaf)
+    return carry, trace
+
+
+def make_model_train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    nonfinite: str = "skip",
+) -> Callable[[ModelTrainState, Stream], tuple[ModelTrainState, StepMetrics]]:
+    """One online step of a whole Flax model for a batch of streams.
+
+    The model is applied as ``model.apply({"params": params, **state.online}, x, reset,
+    mutable=[*state.online], rngs=...)``: ``x`` the step's inputs ``(batch, ...)`` and ``reset``
+    ``(batch,)`` booleans, the streams that start an episode at this step, which it passes to its
+    :class:`~rtrl_jax.OnlineRNN` layers. The gradient is ``jax.grad`` of the batch-mean weighted
+    step loss ``Σ_b mask_b · loss_fn(out_b, target_b) / B``: each recurrent layer's parameters get
+    their estimator's ``c_t · J_t``, everything else its current-step gradient.
+
+    Args:
+      model: a linen module with online recurrent layers (``model(x, reset) -> outputs``).
+      optimizer: any Optax transformation of the model's parameter gradients (``optax.MultiSteps``
+        to update every ``k`` steps).
+      loss_fn: ``(output, target) -> scalar`` loss of one step of one stream: classification,
+        regression, integer labels, ...; ``Stream.mask`` weights it (0: no loss at that step).
+      nonfinite: the policy for non-finite values, as in :func:`make_train_step`; after a skipped
+        step the online collections are kept from before it and every stream restarts at the next.
+
+    Returns:
+      ``train_step(state, batch) -> (state, metrics)`` for a :class:`ModelTrainState` and a
+      :class:`Stream` slice of one time step (leading axis batch). Pure; jit it or scan it.
+    """
+    _check_policy(nonfinite)
+
+    def train_step(state: ModelTrainState, batch: Stream):
+        batch_size = batch.reset.shape[0]
+        key, step_key = jax.random.split(state.key)
+        rngs = {name: jax.random.fold_in(step_key, i) for i, name in enumerate(MODEL_RNG_STREAMS)}
+        reset = batch.reset | state.restart
+
+        def batch_loss(params):
+            variables = {"params": params, **state.online}
+            out, online = model.apply(variables, batch.inputs, reset, mutable=[*state.online], rngs=rngs)
+            loss = batch.mask * jax.vmap(loss_fn)(out, batch.targets)
+            return jnp.sum(loss) / batch_size, (out, online, loss)
+
+        (_, (out, online, loss)), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+        correct = batch.mask * jax.vmap(_hit)(out, batch.targets)
+        new_params, opt_state, flags = _guarded_update(
+            optimizer, nonfinite, state.params, state.opt_state, grads, loss, *_split_online(online)
+        )
+        restart = jnp.zeros_like(state.restart)
+        if nonfinite != "ignore":
+            online = _select(flags == 0, online, state.online)
+            restart = jnp.broadcast_to(flags != 0, state.restart.shape)
+        new_state = ModelTrainState(state.step + 1, new_params, opt_state, online, restart, key)
+        return new_state, _step_metrics(loss, batch.mask, correct, grads, flags)
+
+    return train_step
 
 
 def make_train_chunk(
@@ -313,17 +481,37 @@ def make_train_chunk(
       ``train_chunk(state, stream) -> (state, metrics)`` for a stream with axes (batch, time, ...)
       and metrics with a leading time axis.
     """
-    arguments = (core, estimator, optimizer, head, loss_fn, nonfinite)
+    options = {"head": head, "loss_fn": loss_fn, "nonfinite": nonfinite}
+    return _chunk(make_train_step, (core, estimator, optimizer), options)
+
+
+def make_model_train_chunk(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    nonfinite: str = "skip",
+) -> Callable[[ModelTrainState, Stream], tuple[ModelTrainState, StepMetrics]]:
+    """Many steps of :func:`make_model_train_step` in one jitted ``jax.lax.scan``, cached as
+    :func:`make_train_chunk` (the model compared by value, the optimizer and loss by identity)."""
+    options = {"loss_fn": loss_fn, "nonfinite": nonfinite}
+    return _chunk(make_model_train_step, (model, optimizer), options)
+
+
+def _chunk(make_step: Callable, arguments: tuple, options: dict[str, Any]) -> Callable:
+    """The jitted chunk of ``make_step(*arguments, **options)``, from the cache when hashable."""
+    key = (make_step, arguments, tuple(options.items()))
     try:
-        hash(arguments)
+        hash(key)
     except TypeError:  # an unhashable optimizer or loss: build a fresh chunk
-        return _train_chunk(*arguments)
-    return _cached_train_chunk(*arguments)
+        return _train_chunk(*key)
+    return _cached_train_chunk(*key)
 
 
-def _train_chunk(core, estimator, optimizer, head, loss_fn, nonfinite):
-    train_step = make_train_step(core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite)
-    stop = nonfinite == "stop"
+def _train_chunk(make_step: Callable, arguments: tuple, options: tuple) -> Callable:
+    options = dict(options)
+    train_step = make_step(*arguments, **options)
+    stop = options["nonfinite"] == "stop"
 
     def halting_step(carry, batch):
         state, halted = carry
@@ -383,22 +571,77 @@ def train_online(
             f"stream inputs must have axes (batch, time, features), got shape {stream.inputs.shape};"
             " use tasks.sample_batch for a batch of streams."
         )
-    num_steps = stream.inputs.shape[1]
-    if num_steps == 0:
-        raise ValueError("the stream is empty (0 steps).")
-    if stream.inputs.shape[0] != jax.tree.leaves(state.carry)[0].shape[0]:
-        raise ValueError(
-            f"the stream has {stream.inputs.shape[0]} streams but the state holds"
-            f" {jax.tree.leaves(state.carry)[0].shape[0]}."
-        )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     _check_policy(nonfinite)
     dtype = jnp.result_type(*jax.tree.leaves(state.params))
     stream = stream._replace(inputs=stream.inputs.astype(dtype), targets=stream.targets.astype(dtype))
     train_chunk = make_train_chunk(
         core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite
     )
+    batch_size = jax.tree.leaves(state.carry)[0].shape[0]
+    return _run_chunks(train_chunk, stream, state, batch_size, chunk_size, callback, nonfinite)
+
+
+def train_model_online(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    stream: Stream,
+    state: ModelTrainState,
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    chunk_size: int = 500,
+    callback: Callable[[ModelTrainState, StepMetrics], None] | None = None,
+    nonfinite: str = "skip",
+) -> tuple[ModelTrainState, StepMetrics]:
+    """Trains a whole Flax model online over ``stream`` (leading axes batch, time), as :func:`train_online`.
+
+    Chunks, callbacks, resuming from ``state.step`` and the non-finite policy are those of
+    :func:`train_online`; each step is :func:`make_model_train_step`. Floating inputs and targets
+    are cast to the parameters' dtype; integer ones (tokens for ``nn.Embed``, labels) are kept.
+
+    Args:
+      model: a linen module ``model(x, reset) -> outputs`` with online recurrent layers.
+      optimizer: the Optax transformation the state was made with.
+      stream: a :class:`Stream` with leading axes (batch, time).
+      state: a :class:`ModelTrainState` (:func:`init_model_train_state`).
+      loss_fn: ``(output, target) -> scalar`` loss of one step of one stream.
+      chunk_size: steps per jitted chunk.
+      callback: ``callback(state, chunk_metrics)`` after each chunk.
+      nonfinite: the policy for non-finite values.
+
+    Returns:
+      ``(final state, per-step metrics)`` with metrics as NumPy arrays over the steps taken.
+
+    Raises:
+      NonFiniteError: under ``nonfinite="stop"``, after the callback of the chunk with the bad step.
+
+    Example::
+
+        variables = model.init(key, stream.inputs[:, 0], stream.reset[:, 0])
+        state = init_model_train_state(tx, variables, batch_size=4, key=key)
+        state, metrics = train_model_online(model, tx, stream, state)
+    """
+    if stream.reset.ndim != 2:
+        raise ValueError(
+            f"stream resets must have axes (batch, time), got shape {stream.reset.shape};"
+            " use tasks.sample_batch for a batch of streams."
+        )
+    _check_policy(nonfinite)
+    dtype = jnp.result_type(*jax.tree.leaves(state.params))
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a  # noqa: E731
+    stream = stream._replace(inputs=cast(stream.inputs), targets=cast(stream.targets))
+    train_chunk = make_model_train_chunk(model, optimizer, loss_fn=loss_fn, nonfinite=nonfinite)
+    return _run_chunks(train_chunk, stream, state, state.restart.shape[0], chunk_size, callback, nonfinite)
+
+
+def _run_chunks(train_chunk, stream, state, batch_size, chunk_size, callback, nonfinite):
+    """Runs ``train_chunk`` over ``stream`` from ``state.step`` in chunks of ``chunk_size`` steps."""
+    num_steps = stream.reset.shape[1]
+    if num_steps == 0:
+        raise ValueError("the stream is empty (0 steps).")
+    if stream.reset.shape[0] != batch_size:
+        raise ValueError(f"the stream has {stream.reset.shape[0]} streams but the state holds {batch_size}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     collected = []
     start = int(state.step)
     if start > num_steps:
