@@ -72,12 +72,16 @@ from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
 from rtrl_jax._src.train_state import RecurrentTrainState
 from rtrl_jax._src.trainer import (
     Head,
+    ModelTrainState,
     OnlineTrainState,
     StepMetrics,
+    init_model_train_state,
     init_train_state,
     linear_head,
+    make_model_train_step,
     make_train_step,
     softmax_cross_entropy,
+    train_model_online,
     train_online,
 )
 from rtrl_jax._src.uoro import UOROState, uoro
@@ -103,6 +107,7 @@ __all__ = [
     "LIFState",
     "LRUCell",
     "LeakyRNNCell",
+    "ModelTrainState",
     "NNXOnlineRNN",
     "OKState",
     "OnlineRNN",
@@ -143,6 +148,7 @@ __all__ = [
     "gradient_bias_variance",
     "gradient_trajectory",
     "influence_matrix",
+    "init_model_train_state",
     "is_exact",
     "init_train_state",
     "kernl",
@@ -151,6 +157,7 @@ __all__ = [
     "linear_head",
     "make_estimator",
     "make_mesh",
+    "make_model_train_step",
     "make_train_step",
     "neuron_units",
     "ok",
@@ -179,6 +186,7 @@ __all__ = [
     "tbptt",
     "trace_param_axes",
     "trace_sharding",
+    "train_model_online",
     "train_online",
     "tree_size",
     "unroll",
