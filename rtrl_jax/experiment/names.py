@@ -11,7 +11,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from rtrl_jax._src import cells
+from rtrl_jax._src import cells, spiking
 from rtrl_jax._src.tasks import Task, add_task, copy_task
 from rtrl_jax._src.text import char_task
 from rtrl_jax._src.trainer import NONFINITE_POLICIES
@@ -27,6 +27,8 @@ CELLS: dict[str, Callable[[int], Any]] = {
     "leaky": lambda hidden: cells.LeakyRNNCell(features=hidden),
     "sparse_rnn": lambda hidden: cells.SparseRNNCell(features=hidden),
     "sparse_gru": lambda hidden: cells.SparseGRUCell(features=hidden),
+    "lif": lambda hidden: spiking.LIFCell(features=hidden),
+    "alif": lambda hidden: spiking.ALIFCell(features=hidden),
 }
 """``model.cell`` names: ``make(hidden) -> linen cell``."""
 
