@@ -43,6 +43,7 @@ from rtrl_jax._src.registry import (
     registered,
     unregister,
 )
+from rtrl_jax._src.reverse_kf import RKFState, reverse_kf_rtrl
 from rtrl_jax._src.rflo import RFLOState, rflo
 from rtrl_jax._src.rtrl import RTRLState, dynamics_and_immediate, rtrl
 from rtrl_jax._src.sharding import (
@@ -114,6 +115,7 @@ __all__ = [
     "OnlineState",
     "OnlineTrainState",
     "RFLOState",
+    "RKFState",
     "RTRLState",
     "RecurrentTrainState",
     "SnapLayout",
@@ -169,6 +171,7 @@ __all__ = [
     "random_mask",
     "register",
     "registered",
+    "reverse_kf_rtrl",
     "rflo",
     "rollout",
     "rtrl",

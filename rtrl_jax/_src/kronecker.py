@@ -17,6 +17,8 @@ Kronecker-sum form: if ``J_W = Σ_q u_q ⊗ A_q`` (``u_q ∈ R^in``, ``A_q ∈ R
 ``r + 1`` terms from ``r``. ``D_t A_q`` is the cell's tangent map in the carry applied to the
 ``out`` columns of ``A_q`` (one JVP each). KF-RTRL (``r = 1``) and r-OK differ only in how they
 reduce the ``r + 1`` terms back to ``r`` unbiasedly; that reduction is their ``reduce`` function.
+Reverse KF-RTRL (:mod:`rtrl_jax._src.reverse_kf`) keeps the factors the other way round
+(``reverse=True``: ``u`` over the output index, ``A`` over the input index).
 
 The Dense layers are found with ``flax.linen.intercept_methods``: the interceptor records each
 Dense's input ``a`` and adds a zero perturbation to its output ``z``; one reverse pass per carry
@@ -89,9 +91,11 @@ class KroneckerState(NamedTuple):
     For kernel ``k``: ``J_k ≈ Σ_q u[k][q] ⊗ a[k][q]``.
 
     Attributes:
-      u: per kernel, ``(r, in)`` input-side factors.
+      u: per kernel, ``(r, in)`` input-side factors (``(r, out)`` output-side factors for reverse
+        KF-RTRL).
       a: per kernel, ``(r, out, S)`` carry-side factors, stored transposed (``a[k][q] = A_qᵀ``):
-        each row is a carry tangent, so ``D_t`` acts on the rows with no transposition.
+        each row is a carry tangent, so ``D_t`` acts on the rows with no transposition
+        (``(r, in, S)`` for reverse KF-RTRL).
       exact: ``(P_other, S)`` exact influence of the parameters that are not factored kernels
         (in the order of ``ravel_pytree`` of those leaves).
     """
@@ -288,7 +292,29 @@ def carry_jvp_matvecs(core: Any) -> float:
     return (flops(carry_jvp, *specs, flat_spec) - flops(step, *specs)) / (2.0 * flat_spec.size**2)
 
 
-def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) -> Estimator:
+def reverse_immediate(
+    inputs: jax.Array, outer_grad: jax.Array, signs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The immediate term ``a_t ⊗ G_t`` as one reverse Kronecker product, unbiasedly.
+
+    ``G_t[s, j] = Σ_l G_t[s, l] E[ν_l ν_j]`` for independent uniform signs ``ν ∈ {±1}^out``, so
+    ``J[s, i, j] = a_i (G_t ν)_s ν_j`` (``u = ν``, ``A = (G_t ν) ⊗ a_t`` over the input index) has
+    mean ``a_t ⊗ G_t``.
+
+    Args:
+      inputs: ``(in,)`` the Dense input ``a_t``.
+      outer_grad: ``(out, S)`` ``G_tᵀ``.
+      signs: ``(out,)`` the signs ``ν``.
+
+    Returns:
+      ``(u, A)`` of shapes ``(out,)`` and ``(in, S)`` (``A`` stored transposed, rows carry tangents).
+    """
+    return signs, inputs[:, None] * (signs @ outer_grad)[None, :]
+
+
+def kronecker_estimator(
+    core: Any, *, rank: int, reduce: ReduceFn, name: str, reverse: bool = False
+) -> Estimator:
     """An estimator that keeps ``rank`` Kronecker terms per Dense kernel of ``core``'s cell.
 
     Args:
@@ -297,6 +323,9 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
       reduce: ``(u (r+1, in), a (r+1, out, S), key) -> (u (r, in), a (r, out, S))``, an unbiased
         reduction of ``r + 1`` terms (the ``r`` propagated ones, then the immediate one) to ``r``.
       name: the estimator's name for error messages.
+      reverse: factor each kernel the other way round, ``J_W[s, i, j] ≈ Σ_q A_q[s, i] u_q[j]``
+        (``u_q`` over the output index, ``A_q`` over the input index), with the immediate term
+        entering as :func:`reverse_immediate` (its signs drawn from each kernel's key).
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is a :class:`KroneckerState`; ``step`` needs
@@ -310,7 +339,7 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
     # beats c JVPs per row (c · rows · S²) when rows (c - 1) > c S (a GRU; never a tanh RNN).
     size = core.carry_size
     leaves = jax.tree.leaves(core.params_spec)
-    rows = rank * sum(k.out_size for k in layout.kernels)
+    rows = rank * sum(k.in_size if reverse else k.out_size for k in layout.kernels)
     rows += sum(int(leaves[i].size) for i in layout.other_leaves)
     matvecs = carry_jvp_matvecs(core)
     explicit_dynamics = bool(rows * (matvecs - 1) > matvecs * size)  # False when matvecs is nan
@@ -321,8 +350,9 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
         split = _split(layout, params)
         dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
         size = flat_carry.size
-        u = tuple(jnp.zeros((rank, k.in_size), dtype) for k in layout.kernels)
-        a = tuple(jnp.zeros((rank, k.out_size, size), dtype) for k in layout.kernels)
+        sides = [(k.out_size, k.in_size) if reverse else (k.in_size, k.out_size) for k in layout.kernels]
+        u = tuple(jnp.zeros((rank, u_size), dtype) for u_size, _ in sides)
+        a = tuple(jnp.zeros((rank, a_size, size), dtype) for _, a_size in sides)
         return KroneckerState(u, a, jnp.zeros((split.other_flat.size, size), dtype))
 
     def step(trace, params, carry, x, *, key=None):
@@ -344,11 +374,16 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
         for k in range(num_kernels):
             a = trace.a[k]
             moved = propagate(a.reshape(-1, a.shape[-1])).reshape(a.shape)
-            u_stack = jnp.concatenate([trace.u[k], lin.inputs[k][None].astype(trace.u[k].dtype)])
-            a_stack = jnp.concatenate([moved, lin.outer_grads[k][None].astype(a.dtype)])
+            reduce_key, u_new, a_new = keys[k], lin.inputs[k], lin.outer_grads[k]
+            if reverse:
+                reduce_key, sign_key = jax.random.split(keys[k])
+                signs = jax.random.rademacher(sign_key, (layout.kernels[k].out_size,), dtype=a.dtype)
+                u_new, a_new = reverse_immediate(u_new.astype(a.dtype), a_new.astype(a.dtype), signs)
+            u_stack = jnp.concatenate([trace.u[k], u_new[None].astype(trace.u[k].dtype)])
+            a_stack = jnp.concatenate([moved, a_new[None].astype(a.dtype)])
             # One kernel's reduction after the other (serialised linear algebra: module docstring).
             u_stack, a_stack = after((u_stack, a_stack), previous)
-            u_k, a_k = reduce(u_stack, a_stack, keys[k])
+            u_k, a_k = reduce(u_stack, a_stack, reduce_key)
             previous = (u_k, a_k)
             new_u.append(u_k)
             new_a.append(a_k)
@@ -358,8 +393,9 @@ def kronecker_estimator(core: Any, *, rank: int, reduce: ReduceFn, name: str) ->
     def grad(trace, params, carry_bar):
         split = _split(layout, params)
         c = ravel_pytree(carry_bar)[0].astype(trace.exact.dtype)
+        contraction = "qj,qis,s->ij" if reverse else "qi,qjs,s->ij"
         kernels = [
-            jnp.einsum("qi,qjs,s->ij", u, a, c).astype(w.dtype)
+            jnp.einsum(contraction, u, a, c).astype(w.dtype)
             for u, a, w in zip(trace.u, trace.a, split.kernels, strict=True)
         ]
         other = (trace.exact @ c).astype(split.other_flat.dtype)
