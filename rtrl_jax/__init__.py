@@ -55,6 +55,7 @@ from rtrl_jax._src.sharding import (
     sharded_step,
     trace_sharding,
 )
+from rtrl_jax._src.sketched import SketchedState, sketch_truncate, sketched_is_exact, sketched_rtrl
 from rtrl_jax._src.snap import (
     SnapLayout,
     SnapState,
@@ -118,6 +119,7 @@ __all__ = [
     "RKFState",
     "RTRLState",
     "RecurrentTrainState",
+    "SketchedState",
     "SnapLayout",
     "SnapState",
     "SparseGRUCell",
@@ -179,6 +181,9 @@ __all__ = [
     "shard_batch",
     "shard_trace",
     "sharded_step",
+    "sketch_truncate",
+    "sketched_is_exact",
+    "sketched_rtrl",
     "snap",
     "snap_is_exact",
     "snap_layout",
