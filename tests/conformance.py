@@ -71,6 +71,10 @@ CELLS: dict[str, Callable[[], nn.RNNCellBase]] = {
     "leaky": lambda: rtrl_jax.LeakyRNNCell(3, tau=3.0),
     "sparse_rnn": lambda: rtrl_jax.SparseRNNCell(4, density=0.5),
     "sparse_gru": lambda: rtrl_jax.SparseGRUCell(4, density=0.5),
+    # spiking cells: sized so that some neuron is inside the pseudo-derivative's support at every
+    # step of the problem (else BPTT's per-step gradient is exactly 0 there)
+    "lif": lambda: rtrl_jax.LIFCell(4),
+    "alif": lambda: rtrl_jax.ALIFCell(4, threshold=1.5, beta=0.5, refractory=1),
 }
 DEFAULT_CELLS = ("gru", "elstm")
 
