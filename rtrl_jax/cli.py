@@ -1,7 +1,8 @@
 """The ``rtrl-jax`` command line, a thin parser over :mod:`rtrl_jax.experiment`.
 
 - ``rtrl-jax train [CONFIG] [key=value ...] [--out DIR]``: an online training job (the embedded
-  default without CONFIG: copy task, a small GRU, exact RTRL). Ctrl-C or SIGTERM saves a checkpoint;
+  default without CONFIG: copy task, a small GRU, exact RTRL; ``model.layers=2`` and the other
+  ``model.*`` keys make a whole model of online layers). Ctrl-C or SIGTERM saves a checkpoint;
   ``rtrl-jax train --resume RUN_DIR`` continues the run from its newest good checkpoint.
 - ``rtrl-jax plot RUN_DIR``: PNG learning curves of a run folder.
 - ``rtrl-jax estimators``: the registered estimators and the cells each can serve.
@@ -44,10 +45,13 @@ def _train(args: argparse.Namespace) -> int:
         config = experiment.load_config(args.config, args.overrides)
         out_dir = Path(args.out) if args.out else _default_out(config)
     built = experiment.build(config)
+    model = f"cell={config.model.cell} hidden={config.model.hidden} estimator={config.estimator}"
+    if built.model is not None:
+        model = " ".join(f"{layer.cell}/{layer.hidden}/{layer.estimator}" for layer in built.layers)
+        model = f"layers={len(built.layers)} ({model})"
     print(
-        f"rtrl-jax train: task={config.task} cell={config.model.cell} hidden={config.model.hidden} "
-        f"estimator={config.estimator} steps={config.train.steps} batch={config.train.batch_size}"
-        f" -> {out_dir}{' (resume)' if args.resume else ''}",
+        f"rtrl-jax train: task={config.task} {model} steps={config.train.steps}"
+        f" batch={config.train.batch_size} -> {out_dir}{' (resume)' if args.resume else ''}",
         flush=True,
     )
     with tqdm(total=config.train.steps, unit="step", disable=args.quiet, file=sys.stderr) as bar:

@@ -1,6 +1,8 @@
 """The command line and its configuration: runs, run folders, and rejected input."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import jax
@@ -10,7 +12,15 @@ import yaml
 
 import rtrl_jax as rj
 from rtrl_jax.cli import main
-from rtrl_jax.experiment import ConfigError, RunConfig, build, load_config, to_dict
+from rtrl_jax.experiment import (
+    ConfigError,
+    RunConfig,
+    build,
+    load_config,
+    restore_final_state,
+    run_training,
+    to_dict,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -136,3 +146,95 @@ def test_an_estimator_registered_at_runtime_is_listed_validated_and_trained(tmp_
         rj.unregister("zero_test")
     with pytest.raises(ConfigError, match="unknown estimator 'zero_test'"):
         build(load_config(None, ["estimator=zero_test"]))
+
+
+# ---------------------------------------------------------------- whole models (model.layers > 1)
+
+TWO_LAYERS = [
+    "task=add",
+    "model.layers=2",
+    "model.cell=simple",
+    "model.hidden=4",
+    "model.layer_estimators=[snap,uoro]",
+    "model.embedding=3",
+    "model.head=mlp",
+    "model.norm=layer",
+    "train.batch_size=2",
+    "train.steps=40",
+    "train.chunk_size=10",
+    "train.checkpoint_every=20",
+]
+
+
+def test_one_layer_is_the_core_and_head_run():
+    assert build(load_config(None, ["model.hidden=4"])).model is None
+    assert build(load_config(None, ["model.hidden=4", "model.layers=1"])).model is None
+
+
+def test_two_layer_model_trains_and_an_interrupted_run_resumes_bitwise(tmp_path, capsys):
+    full = tmp_path / "full"
+    assert main(["train", "--quiet", "--out", str(full), *TWO_LAYERS]) == 0
+    assert "layers=2 (simple/4/snap simple/4/uoro)" in capsys.readouterr().out
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 40
+    assert [(layer["estimator"], layer["input_size"]) for layer in summary["layers"]] == [
+        ("snap", 3),
+        ("uoro", 4),
+    ]
+
+    experiment = build(load_config(full / "config.yaml"))
+    cut = tmp_path / "cut"
+
+    def interrupt(steps_done, info):
+        if steps_done == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run_training(experiment, cut, on_chunk=interrupt)["status"] == "interrupted"
+    assert main(["train", "--quiet", "--resume", str(cut)]) == 0  # the same compiled chunk throughout
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["status"] == "finished" and resumed["resumed_from"] == 30
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    reference, restored = restore_final_state(full), restore_final_state(cut)
+    assert type(restored).__name__ == "ModelTrainState"
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(restored), strict=True):
+        assert jnp.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["model.layers=0"], "model.layers: must be > 0"),
+        (["model.layers=2", "model.layer_cells=gru"], "model.layer_cells: expected list"),
+        (["model.layers=2", "model.layer_estimators=[snap]"], "model.layer_estimators: expected 2 entries"),
+        (["model.layers=2", "model.layer_cells=[gru,rnn]"], r"model.layer_cells\[1\]: unknown cell 'rnn'"),
+        (["model.layers=2", "model.layer_hidden=[4,0]"], r"model.layer_hidden\[1\]: expected a positive"),
+        (
+            ["model.layers=2", "model.layer_estimators=[rtrl,rtlr]"],
+            r"layer_estimators\[1\]: unknown estimator",
+        ),
+        (
+            ["model.layers=2", "model.layer_cells=[gru,optimized_lstm]", "model.layer_estimators=[rtrl,kf]"],
+            r"model.layer_estimators\[1\]: layer 1 \(rnn1\): estimator 'kf' cannot serve core 'optimized",
+        ),
+        (
+            ["model.layers=2", "model.cell=optimized_lstm", "estimator=kf"],
+            r"estimator: layer 0 \(rnn0\): estimator 'kf' cannot serve",
+        ),
+        (["model.layers=2", "model.layer_estimator_options=[{rank: 2}, {}]"], r"options\[0\]: .*'rank'"),
+        (["model.layers=2", "model.layer_estimator_options=[3, {}]"], r"options\[0\]: expected a mapping"),
+        (["model.layers=2", "estimator_options.rank=2"], r"estimator_options: online layer 'rnn0'.*'rank'"),
+        (["model.head=conv"], "model.head: unknown head 'conv'"),
+        (["model.head_hidden=-1"], "model.head_hidden: must be >= 0"),
+        (["model.norm=batch"], "model.norm: unknown norm 'batch'"),
+        (["model.embedding=-1"], "model.embedding: must be >= 0"),
+        (["model.residual=1"], "model.residual: expected bool"),
+        (
+            ["model.layers=2", "model.layer_hidden=[4,8]", "model.residual=true"],
+            r"model.residual: layer 1 \(rnn1\) maps 4 features to 8",
+        ),
+    ],
+)
+def test_invalid_model_values_name_the_key_and_the_layer(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        build(load_config(None, overrides))

@@ -5,26 +5,37 @@ made (an unknown name, a bad option, an estimator that cannot serve the cell, ..
 :class:`ConfigError` that names the key, the value and what is allowed. The pieces
 (:func:`build_task`, :func:`build_core`, :func:`build_estimator`, :func:`build_optimizer`,
 :func:`init_head`, :func:`enable_dtype`) serve ``rtrl-jax train``, ``rtrl-jax compare`` and the
-learning benchmarks alike.
+learning benchmarks alike; :func:`build_model` makes the whole Flax model of a multi-layer spec.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax.core import FrozenDict
 
 from rtrl_jax._src import registry
 from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.cores import Core, from_linen
+from rtrl_jax._src.cores import Core, cast_floating, from_linen
+from rtrl_jax._src.layers import linen_online_core
 from rtrl_jax._src.rtrl import rtrl
 from rtrl_jax._src.tasks import Stream, Task, sample_batch
-from rtrl_jax._src.trainer import Head, OnlineTrainState, init_train_state, linear_head
-from rtrl_jax.experiment.names import CELLS, DTYPES, NONFINITE_POLICIES, OPTIMIZERS, TASKS
+from rtrl_jax._src.trainer import (
+    Head,
+    ModelTrainState,
+    OnlineTrainState,
+    init_model_train_state,
+    init_train_state,
+    linear_head,
+)
+from rtrl_jax.experiment.names import CELLS, DTYPES, HEADS, NONFINITE_POLICIES, NORMS, OPTIMIZERS, TASKS
 from rtrl_jax.experiment.spec import CompareConfig, ConfigError, ModelConfig, RunConfig
+from rtrl_jax.experiment.stack import OnlineStack
 
 
 def check_name(key: str, value: Any, allowed: Sequence[str], what: str) -> None:
@@ -110,9 +121,17 @@ def build_optimizer(
     """The Optax optimizer ``name`` at ``learning_rate``.
 
     ``clip > 0`` clips the global gradient norm before it; ``update_every > 1`` wraps it in
-    ``optax.MultiSteps`` (the update is applied every k steps).
+    ``optax.MultiSteps`` (the update is applied every k steps). The same arguments give the same
+    (stateless) transformation, so specs built again reuse the trainer's compiled chunks.
     """
     check_name(key, name, OPTIMIZERS, "optimizer")
+    return _optimizer(name, learning_rate, update_every, clip)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(
+    name: str, learning_rate: float, update_every: int, clip: float
+) -> optax.GradientTransformation:
     optimizer = getattr(optax, name)(learning_rate)
     if clip:
         optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
@@ -127,28 +146,58 @@ def init_head(key: jax.Array, core: Core, num_classes: int, dtype: Any) -> tuple
     return head, head.init(key, core.output_shape[-1], num_classes, dtype)
 
 
+class Layer(NamedTuple):
+    """One recurrent layer of a whole model, as built.
+
+    Attributes:
+      cell: the cell's name.
+      hidden: its hidden units.
+      estimator: the estimator's name.
+      options: the estimator's options.
+      input_size: the features the layer reads.
+      output_size: the features it writes.
+    """
+
+    cell: str
+    hidden: int
+    estimator: str
+    options: dict
+    input_size: int
+    output_size: int
+
+
 class Experiment(NamedTuple):
     """Everything a :class:`RunConfig` describes, built.
+
+    A spec whose model is one recurrent core and a linear readout (every whole-model key at its
+    default) gets ``core``, ``estimator`` and ``head`` and an
+    :class:`~rtrl_jax.OnlineTrainState`; any other gets ``model`` (an :class:`OnlineStack`),
+    ``layers`` and a :class:`~rtrl_jax.ModelTrainState`, with ``core``, ``estimator`` and ``head``
+    ``None``.
 
     Attributes:
       spec: the spec.
       task: the task.
-      core: the core (cell ``spec.model.cell`` on the task's inputs).
-      estimator: the estimator.
+      core: the core (cell ``spec.model.cell`` on the task's inputs), or ``None``.
+      estimator: the estimator, or ``None``.
       optimizer: the Optax optimizer.
-      head: the readout.
+      head: the readout, or ``None``.
       stream: the whole training stream, ``(batch, steps)``.
-      state: the initial :class:`~rtrl_jax._src.trainer.OnlineTrainState`.
+      state: the initial train state.
+      model: the whole Flax model, or ``None``.
+      layers: its recurrent layers, bottom first.
     """
 
     spec: RunConfig
     task: Task
-    core: Core
-    estimator: Estimator
+    core: Core | None
+    estimator: Estimator | None
     optimizer: optax.GradientTransformation
-    head: Head
+    head: Head | None
     stream: Stream
-    state: OnlineTrainState
+    state: OnlineTrainState | ModelTrainState
+    model: OnlineStack | None = None
+    layers: tuple[Layer, ...] = ()
 
 
 class CompareJob(NamedTuple):
@@ -195,11 +244,127 @@ def _check_train(spec: RunConfig) -> None:
         )
 
 
+def is_one_core(model: ModelConfig) -> bool:
+    """Whether ``model`` is one recurrent core and a linear readout (every whole-model key at its default)."""
+    return model == ModelConfig(cell=model.cell, hidden=model.hidden, dtype=model.dtype)
+
+
+def _per_layer(model: ModelConfig, field: str, shared: Any, shared_key: str) -> list[tuple[Any, str]]:
+    """``[(value, key)]`` per layer: the entries of ``model.<field>``, or ``shared`` for every layer."""
+    values = getattr(model, field)
+    if not values:
+        return [(shared, shared_key)] * model.layers
+    if len(values) != model.layers:
+        raise ConfigError(
+            f"model.{field}: expected {model.layers} entries, one per layer (model.layers={model.layers}),"
+            f" got {len(values)}: {values!r}."
+        )
+    return [(value, f"model.{field}[{i}]") for i, value in enumerate(values)]
+
+
+def _layer_options(spec: RunConfig, estimators: list[tuple[str, str]]) -> list[tuple[Any, str]]:
+    if spec.model.layer_estimator_options:
+        return _per_layer(spec.model, "layer_estimator_options", None, "")
+    return [
+        (spec.estimator_options if name == spec.estimator else {}, "estimator_options")
+        for name, _ in estimators
+    ]
+
+
+def _build_layer(
+    i: int, cell_name: Any, hidden: Any, estimator: Any, options: Any, keys: tuple, input_size: int
+) -> tuple[Any, Layer]:
+    """The cell of layer ``i`` and its :class:`Layer`; its estimator is built (and cached) for it."""
+    cell_key, hidden_key, estimator_key, options_key = keys
+    layer = f"rnn{i}"
+    check_name(cell_key, cell_name, list(CELLS), "cell")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ConfigError(f"{hidden_key}: expected a positive integer, got {hidden!r}.")
+    check_name(estimator_key, estimator, _estimator_names(), "estimator")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"{options_key}: expected a mapping of options, got {options!r}.")
+    options = dict(options or {})
+    cell = CELLS[cell_name](hidden)
+    core = from_linen(cell, input_size, name=cell_name)
+    reason = registry.get_estimator_info(estimator).unsupported_reason(core)
+    if reason is not None:
+        message = registry.unsupported_message(estimator, core, reason)
+        raise ConfigError(f"{estimator_key}: layer {i} ({layer}): {message}")
+    try:
+        online = linen_online_core(layer, cell, input_size, estimator, options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{options_key}: {error}") from None
+    output_size = int(online.core.output_shape[-1])
+    return cell, Layer(cell_name, hidden, estimator, options, input_size, output_size)
+
+
+def build_model(spec: RunConfig, input_size: int, num_outputs: int) -> tuple[OnlineStack, tuple[Layer, ...]]:
+    """The whole Flax model of ``spec.model`` on inputs of ``input_size`` features.
+
+    Every layer's cell is made and its estimator built for it (once: the layer reuses it).
+
+    Returns:
+      ``(model, layers)``: the :class:`OnlineStack` and its recurrent layers, bottom first.
+
+    Raises:
+      ConfigError: naming the key (``model.layer_estimators[1]``, ...) and, for a cell the chosen
+        estimator cannot serve, the layer: a per-layer list of the wrong length, an unknown cell,
+        estimator, head or norm, bad options, or a residual between layers of unequal widths.
+    """
+    model = spec.model
+    check_name("model.head", model.head, HEADS, "head")
+    check_name("model.norm", model.norm, list(NORMS), "norm")
+    cells = _per_layer(model, "layer_cells", model.cell, "model.cell")
+    hidden = _per_layer(model, "layer_hidden", model.hidden, "model.hidden")
+    estimators = _per_layer(model, "layer_estimators", spec.estimator, "estimator")
+    options = _layer_options(spec, estimators)
+    built, layers = [], []
+    width = model.embedding or input_size
+    for i, per_layer in enumerate(zip(cells, hidden, estimators, options, strict=True)):
+        values, keys = zip(*per_layer, strict=True)
+        cell, layer = _build_layer(i, *values, keys, width)
+        if model.residual and i > 0 and layer.output_size != width:
+            raise ConfigError(
+                f"model.residual: layer {i} (rnn{i}) maps {width} features to {layer.output_size}; a"
+                " residual needs equal widths. Allowed: layers of equal widths (model.layer_hidden) or"
+                " model.residual=false."
+            )
+        built.append(cell)
+        layers.append(layer)
+        width = layer.output_size
+    stack = OnlineStack(
+        cells=tuple(built),
+        estimators=tuple(layer.estimator for layer in layers),
+        options=tuple(FrozenDict(layer.options) for layer in layers),
+        num_outputs=num_outputs,
+        embedding=model.embedding,
+        head_hidden=(model.head_hidden or width) if model.head == "mlp" else 0,
+        residual=model.residual,
+        norm=model.norm,
+    )
+    return stack, tuple(layers)
+
+
+def _build_model_run(spec: RunConfig, task: Task, dtype: Any) -> Experiment:
+    model, layers = build_model(spec, task.input_size, task.num_classes)
+    train = spec.train
+    optimizer = build_optimizer(train.optimizer, train.learning_rate, update_every=train.update_every)
+    key_model, _, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
+    x0 = jnp.zeros((train.batch_size, task.input_size), jnp.float32)
+    variables = model.init(key_model, x0, jnp.zeros((train.batch_size,), bool))
+    variables = cast_floating(variables, dtype)
+    stream = sample_batch(task, key_data, train.steps, train.batch_size)
+    state = init_model_train_state(optimizer, variables, batch_size=train.batch_size, key=key_state)
+    return Experiment(spec, task, None, None, optimizer, None, stream, state, model, layers)
+
+
 def _build_run(spec: RunConfig) -> Experiment:
     check_name("estimator", spec.estimator, _estimator_names(), "estimator")
     dtype = enable_dtype(spec.model.dtype)
     _check_train(spec)
     task = build_task(spec.task, spec.task_options)
+    if not is_one_core(spec.model):
+        return _build_model_run(spec, task, dtype)
     core = build_core(spec.model, task.input_size)
     estimator = build_estimator(spec.estimator, spec.estimator_options, core)
     train = spec.train
@@ -248,8 +413,9 @@ def build(spec: RunConfig | CompareConfig) -> Experiment | CompareJob:
     Raises:
       ConfigError: for an unknown estimator, task, cell, dtype, optimizer or non-finite policy,
         task or estimator options that their factories refuse, an estimator that cannot serve the
-        cell (naming those that can), or a ``train.checkpoint_every`` that is not a multiple of
-        ``train.chunk_size``.
+        cell (naming those that can, and the layer of a whole model), a whole model's bad layer
+        lists, head, norm or residual (:func:`build_model`), or a ``train.checkpoint_every`` that
+        is not a multiple of ``train.chunk_size``.
     """
     if isinstance(spec, RunConfig):
         return _build_run(spec)

@@ -1,4 +1,4 @@
-"""The names a spec may use: cells, tasks, optimizers, dtypes and non-finite policies.
+"""The names a spec may use: cells, tasks, optimizers, dtypes, heads, norms and non-finite policies.
 
 Estimators are named by the library's registry (:func:`rtrl_jax.registered`); the tables here are
 the experiment layer's own. :func:`register_cell` and :func:`register_task` add entries.
@@ -41,7 +41,23 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 DTYPES = ("float32", "float64")
 """``model.dtype`` names."""
 
-__all__ = ["CELLS", "DTYPES", "NONFINITE_POLICIES", "OPTIMIZERS", "TASKS", "register_cell", "register_task"]
+HEADS = ("linear", "mlp")
+"""``model.head`` names: a Dense readout, or a ReLU layer then the readout."""
+
+NORMS: dict[str, Callable[..., Any] | None] = {"none": None, "layer": nn.LayerNorm, "rms": nn.RMSNorm}
+"""``model.norm`` names: ``make(name=...) -> linen norm`` after every recurrent layer (``none``: no norm)."""
+
+__all__ = [
+    "CELLS",
+    "DTYPES",
+    "HEADS",
+    "NONFINITE_POLICIES",
+    "NORMS",
+    "OPTIMIZERS",
+    "TASKS",
+    "register_cell",
+    "register_task",
+]
 
 
 def _register(table: dict, what: str, name: str, make: Callable[..., Any]) -> None:

@@ -9,7 +9,7 @@ The run folder holds
   on interrupt (SIGINT / SIGTERM) and at the end; ``run_training(..., resume=True)`` (the CLI's
   ``--resume RUN_DIR``) continues from the newest good one, bitwise as if never stopped;
 - ``summary.json``: status, initial and final loss, accuracy where it applies, non-finite events,
-  steps/s, estimator, cell, task, device, versions.
+  steps/s, estimator, cell, task (and a whole model's layers), device, versions.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ import jax
 import numpy as np
 import yaml
 
+from rtrl_jax._src.base import tree_size
 from rtrl_jax._src.trainer import (
     NonFiniteError,
     OnlineTrainState,
     StepMetrics,
     nonfinite_names,
+    train_model_online,
     train_online,
 )
 from rtrl_jax.experiment.build import Experiment, build
@@ -202,7 +204,7 @@ def run_training(
         )
     if not isinstance(experiment, Experiment):
         experiment = build(experiment)
-    config, _, core, estimator, optimizer, head, stream, state = experiment
+    config, state = experiment.spec, experiment.state
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -253,13 +255,9 @@ def run_training(
     try:
         with _SignalCatcher() as catcher:
             if start < config.train.steps:
-                state, _ = train_online(
-                    core,
-                    estimator,
-                    optimizer,
-                    stream,
+                state, _ = train(
+                    experiment,
                     state,
-                    head=head,
                     chunk_size=config.train.chunk_size,
                     callback=callback,
                     nonfinite=config.train.nonfinite,
@@ -287,6 +285,24 @@ def run_training(
     return summary
 
 
+def train(experiment: Experiment, state: Any, **options: Any) -> tuple[Any, StepMetrics]:
+    """Trains ``experiment`` from ``state`` over its stream: its core and head
+    (:func:`~rtrl_jax.train_online`) or its whole model (:func:`~rtrl_jax.train_model_online`).
+
+    Args:
+      experiment: a built :class:`Experiment`.
+      state: its train state (``experiment.state`` or a restored one).
+      **options: ``chunk_size``, ``callback``, ``nonfinite`` of the trainer.
+
+    Returns:
+      ``(final state, per-step metrics)``.
+    """
+    if experiment.model is not None:
+        return train_model_online(experiment.model, experiment.optimizer, experiment.stream, state, **options)
+    core, estimator, optimizer = experiment.core, experiment.estimator, experiment.optimizer
+    return train_online(core, estimator, optimizer, experiment.stream, state, head=experiment.head, **options)
+
+
 def _run_summary(
     experiment: Experiment, rows: list[dict[str, Any]], steps: int, resumed_from: int | None
 ) -> dict[str, Any]:
@@ -307,12 +323,20 @@ def _describe(experiment: Experiment) -> dict[str, Any]:
     """What ran where: estimator, cell, task, device, versions."""
     spec = experiment.spec
     device = jax.devices()[0]
-    return {
+    described = {
         "estimator": spec.estimator,
         "estimator_options": spec.estimator_options,
         "cell": spec.model.cell,
         "hidden": spec.model.hidden,
-        "num_params": experiment.core.num_params,
+    }
+    if experiment.model is None:
+        described["num_params"] = experiment.core.num_params
+    else:  # the recurrent layers' parameters, then every layer as built
+        params = experiment.state.params
+        described["num_params"] = sum(tree_size(params[f"rnn{i}"]) for i in range(len(experiment.layers)))
+        described["layers"] = [layer._asdict() for layer in experiment.layers]
+    return {
+        **described,
         "task": experiment.task.name,
         "device": f"{device.platform}:{device.device_kind}",
         "jax_version": jax.__version__,

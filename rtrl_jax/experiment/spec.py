@@ -22,17 +22,54 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The recurrent cell.
+    """The model: recurrent layers, an optional encoder, norms and residuals, and a head.
+
+    With every key but ``cell``, ``hidden`` and ``dtype`` at its default the model is one recurrent
+    core and a linear softmax readout, trained by the core+head trainer. Any other value makes it a
+    whole Flax model (:class:`~rtrl_jax.experiment.OnlineStack`): an optional Dense encoder, then
+    ``layers`` online recurrent layers (bottom first), each with its own trace and estimator, then
+    the head; gradients cross layers at the current step only (``rtrl_jax.OnlineRNN``).
+
+    The ``layer_*`` lists are per layer, bottom first; empty means every layer takes the shared
+    value (``cell``, ``hidden``, the run's ``estimator``). A given list has one entry per layer.
 
     Attributes:
-      cell: a registered cell name (``rtrl-jax estimators`` lists them).
-      hidden: hidden units.
+      cell: a registered cell name (``rtrl-jax estimators`` lists them): every layer's unless
+        ``layer_cells`` names them.
+      hidden: hidden units: every layer's unless ``layer_hidden`` gives them.
       dtype: ``float32`` or ``float64``.
+      layers: the number of recurrent layers (>= 1).
+      layer_cells: each layer's cell name, e.g. ``[gru, simple]``.
+      layer_hidden: each layer's hidden units, e.g. ``[64, 16]``.
+      layer_estimators: each layer's registered estimator, e.g. ``[snap, rtrl]`` (SnAp-1 on the
+        bottom layer, exact RTRL on the top one).
+      layer_estimator_options: each layer's estimator options, e.g. ``[{n: 2}, {}]``; empty: the
+        run's ``estimator_options`` for the layers whose estimator is the run's ``estimator``, no
+        options for the others.
+      embedding: units of a Dense encoder in front of the first layer (0: none). It gets the
+        current-step gradient only.
+      head: ``linear`` (a Dense readout) or ``mlp`` (a ReLU layer of ``head_hidden`` units, then
+        the readout).
+      head_hidden: units of the MLP head's hidden layer (0: the top layer's output width).
+      residual: adds each layer's input to its output, for every layer above the first (their
+        input and output widths must match).
+      norm: ``none``, ``layer`` (LayerNorm) or ``rms`` (RMSNorm) after every recurrent layer (after
+        the residual).
     """
 
     cell: str = "gru"
     hidden: int = 32
     dtype: str = "float32"
+    layers: int = 1
+    layer_cells: list = dataclasses.field(default_factory=list)
+    layer_hidden: list = dataclasses.field(default_factory=list)
+    layer_estimators: list = dataclasses.field(default_factory=list)
+    layer_estimator_options: list = dataclasses.field(default_factory=list)
+    embedding: int = 0
+    head: str = "linear"
+    head_hidden: int = 0
+    residual: bool = False
+    norm: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +159,7 @@ class CompareConfig:
 
 _POSITIVE = {
     "model.hidden",
+    "model.layers",
     "train.steps",
     "train.batch_size",
     "train.update_every",
@@ -129,7 +167,7 @@ _POSITIVE = {
     "train.learning_rate",
     "train.keep_checkpoints",
 }
-_NON_NEGATIVE = {"train.checkpoint_every", "train.seed"}
+_NON_NEGATIVE = {"train.checkpoint_every", "train.seed", "model.embedding", "model.head_hidden"}
 
 
 def _type_name(tp: Any) -> str:
