@@ -187,14 +187,12 @@ def test_eprop_equals_bellec_eligibility_traces(cell):
 def test_spiking_cells_run_under_nn_rnn_as_the_core():
     cell = rtrl_jax.ALIFCell(5, refractory=3)
     xs = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 40, INPUT), jnp.float32)
-    rnn = nn.RNN(cell)
-    variables = rnn.init(jax.random.PRNGKey(1), xs)
-    spikes = rnn.apply(variables, xs)
-    assert spikes.shape == (2, 40, 5)
     core = rtrl_jax.from_linen(cell, INPUT)
-    carry = core.initial_carry()
+    params, carry = core.init(jax.random.PRNGKey(1))
+    spikes = nn.RNN(cell).apply({"params": {"cell": params}}, xs)
+    assert spikes.shape == (2, 40, 5)
     assert isinstance(carry, ALIFState) and carry.recent.shape == (3, 5)
-    _, outs = jax.lax.scan(lambda h, x: core(variables["params"]["cell"], h, x), carry, xs[0])
+    _, outs = jax.lax.scan(lambda h, x: core(params, h, x), carry, xs[0])
     np.testing.assert_array_equal(outs, spikes[0])
     assert 0 < float(jnp.mean(spikes)) < 0.25
     # refractory: no neuron spikes twice within 3 steps
