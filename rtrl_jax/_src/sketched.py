@@ -30,9 +30,10 @@ SnAp-1 drops ``D_t L R_{t-1}ᵀ + N_t``; SK-RTRL keeps its best rank-``r`` appro
 **The bound.** The error ``E_t = J_t − Ĵ_t`` obeys ``E_t = D_t E_{t-1} + Δ_t`` with ``Δ_t`` what the
 two truncations discarded, ``‖Δ_t‖_F ≤ η_t = τ_c + τ_r``, so
 
-    ‖J_t − Ĵ_t‖_F ≤ e_t = ρ_t e_{t-1} + η_t,     ρ_t = min(‖D_t‖_F, (‖D_t‖_1 ‖D_t‖_∞)^{1/2}) ≥ ‖D_t‖_2,
+    ‖J_t − Ĵ_t‖_F ≤ e_t = ‖D_t‖_2 e_{t-1} + η_t,
 
-which the trace carries (``bound``). With ``r = 0`` the whole of ``N_t`` is dropped,
+which the trace carries (``bound``; ``‖D_t‖_2`` is the largest singular value, ``O(S³)``, far
+tighter than the Frobenius norm for a dense cell). With ``r = 0`` the whole of ``N_t`` is dropped,
 ``η_t = ‖N_t‖_F = tr(D̂_t K D̂_tᵀ)^{1/2}``: SnAp-1 itself, with a running bound on its error.
 
 **The rank knob.** ``r = 0`` is SnAp-1 exactly; ``r ≥ S`` (the carry size, the largest rank of
@@ -42,8 +43,9 @@ which the trace carries (``bound``). With ``r = 0`` the whole of ``N_t`` is drop
 Cost per step, for ``E`` pattern entries (``P`` for a dense RNN): ``D_t`` by ``S`` JVPs of the cell,
 ``O(S³)`` for the small eigen/singular value problems, ``O((r + c) E)`` for the contractions and
 ``O(P (r + c)²)`` for the QR and the new ``R``: ``O(n³ + n² r²)`` for a dense ``n``-unit RNN.
-Memory: SnAp-1's trace plus ``r (S + P)``. The LAPACK calls of a step (eigh, SVD, QR, SVD) depend
-on each other's results, so they never run concurrently (see :mod:`rtrl_jax._src.kronecker` on CPU
+Memory: SnAp-1's trace plus ``r (S + P)``. The LAPACK calls of a step (eigh, SVD, QR, SVD, then
+the SVD for ``‖D_t‖_2``) run one after the other, by their data or by :func:`~rtrl_jax._src.base.after`,
+so they never run concurrently (see :mod:`rtrl_jax._src.kronecker` on CPU
 deadlocks).
 
 Reference: the SK-RTRL method (sketched RTRL, 2026); public code at GitHub
@@ -60,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.base import Estimator, after
 from rtrl_jax._src.registry import register
 from rtrl_jax._src.snap import (
     SnapLayout,
@@ -148,11 +150,10 @@ def _dynamics(core: Any, params: Any, carry: Any, x: Any) -> jax.Array:
     return jax.vmap(jvp, out_axes=1)(jnp.eye(flat.size, dtype=flat.dtype))
 
 
-def _norm_bound(dynamics: jax.Array) -> jax.Array:
-    """``min(‖D‖_F, (‖D‖_1 ‖D‖_∞)^{1/2})``, an upper bound on the spectral norm ``‖D‖_2``."""
-    absolute = jnp.abs(dynamics)
-    holder = jnp.sqrt(absolute.sum(axis=0).max() * absolute.sum(axis=1).max())
-    return jnp.minimum(jnp.sqrt(jnp.sum(dynamics**2)), holder)
+def _spectral_norm(dynamics: jax.Array, dependencies: Any) -> jax.Array:
+    """``‖D‖_2``, the largest singular value, computed once ``dependencies`` are (its SVD must not
+    run concurrently with the step's other LAPACK calls)."""
+    return jnp.linalg.svd(after(dynamics, dependencies), compute_uv=False)[0]
 
 
 def _top_directions(off: jax.Array, gram: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
@@ -248,7 +249,7 @@ def sketched_rtrl(core: Any, rank: int = 1, *, append: int | None = None) -> Est
             return (
                 new_carry,
                 out,
-                trace._replace(snap=snap_trace, bound=_norm_bound(dynamics) * trace.bound + eta),
+                trace._replace(snap=snap_trace, bound=_spectral_norm(dynamics, ()) * trace.bound + eta),
             )
         if c >= size:  # no pre-projection: N_t = D̂ S_{t-1} as it is
             left_new, tau_c = off, jnp.zeros((), dtype)
@@ -257,7 +258,7 @@ def sketched_rtrl(core: Any, rank: int = 1, *, append: int | None = None) -> Est
             left_new, tau_c = _top_directions(off, gram, c)
             y = jax.vmap(lambda w: _contract(pattern, values, w))((off.T @ left_new).T)
         left, right, tau_r = sketch_truncate(dynamics @ trace.left, trace.right, left_new, y, r)
-        bound = _norm_bound(dynamics) * trace.bound + tau_c + tau_r
+        bound = _spectral_norm(dynamics, (left, right)) * trace.bound + tau_c + tau_r
         return new_carry, out, SketchedState(snap_trace, left, right, bound)
 
     def grad(trace, params, carry_bar):
