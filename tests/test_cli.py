@@ -171,6 +171,15 @@ def test_one_layer_is_the_core_and_head_run():
     assert build(load_config(None, ["model.hidden=4", "model.layers=1"])).model is None
 
 
+def test_a_stack_with_one_trace_is_one_layer_over_every_cell_and_norm():
+    overrides = ["task=add", "model.layers=2", "model.hidden=4", "model.traces=stack", "model.norm=layer"]
+    experiment = build(load_config(None, overrides))
+    assert [(layer.cell, layer.estimator) for layer in experiment.layers] == [("stack(gru/4,gru/4)", "rtrl")]
+    params = experiment.state.params
+    assert set(params) == {"rnn0", "norm0", "head"}  # the norm after the top layer is outside the core
+    assert set(params["rnn0"]["core"]) == {"layers_0", "layers_1", "layers_2"}  # gru, norm, gru
+
+
 def test_two_layer_model_trains_and_an_interrupted_run_resumes_bitwise(tmp_path, capsys):
     full = tmp_path / "full"
     assert main(["train", "--quiet", "--out", str(full), *TWO_LAYERS]) == 0
@@ -229,6 +238,12 @@ def test_two_layer_model_trains_and_an_interrupted_run_resumes_bitwise(tmp_path,
         (["model.norm=batch"], "model.norm: unknown norm 'batch'"),
         (["model.embedding=-1"], "model.embedding: must be >= 0"),
         (["model.residual=1"], "model.residual: expected bool"),
+        (["model.traces=stacked"], "model.traces: unknown trace layout 'stacked'"),
+        (
+            ["model.layers=2", "model.traces=stack", "model.layer_estimators=[snap,rtrl]"],
+            "model.layer_estimators: .* needs model.traces=per_layer",
+        ),
+        (["model.layers=2", "model.traces=stack", "model.residual=true"], "model.residual: .*per_layer"),
         (
             ["model.layers=2", "model.layer_hidden=[4,8]", "model.residual=true"],
             r"model.residual: layer 1 \(rnn1\) maps 4 features to 8",

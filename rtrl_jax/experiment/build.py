@@ -22,7 +22,7 @@ from flax.core import FrozenDict
 from rtrl_jax._src import registry
 from rtrl_jax._src.base import Estimator
 from rtrl_jax._src.cores import Core, cast_floating, from_linen
-from rtrl_jax._src.layers import linen_online_core
+from rtrl_jax._src.layers import StackedCell, linen_online_core
 from rtrl_jax._src.rtrl import rtrl
 from rtrl_jax._src.tasks import Stream, Task, sample_batch
 from rtrl_jax._src.trainer import (
@@ -33,7 +33,16 @@ from rtrl_jax._src.trainer import (
     init_train_state,
     linear_head,
 )
-from rtrl_jax.experiment.names import CELLS, DTYPES, HEADS, NONFINITE_POLICIES, NORMS, OPTIMIZERS, TASKS
+from rtrl_jax.experiment.names import (
+    CELLS,
+    DTYPES,
+    HEADS,
+    NONFINITE_POLICIES,
+    NORMS,
+    OPTIMIZERS,
+    TASKS,
+    TRACES,
+)
 from rtrl_jax.experiment.spec import CompareConfig, ConfigError, ModelConfig, RunConfig
 from rtrl_jax.experiment.stack import OnlineStack
 
@@ -271,21 +280,25 @@ def _layer_options(spec: RunConfig, estimators: list[tuple[str, str]]) -> list[t
     ]
 
 
-def _build_layer(
-    i: int, cell_name: Any, hidden: Any, estimator: Any, options: Any, keys: tuple, input_size: int
-) -> tuple[Any, Layer]:
-    """The cell of layer ``i`` and its :class:`Layer`; its estimator is built (and cached) for it."""
-    cell_key, hidden_key, estimator_key, options_key = keys
-    layer = f"rnn{i}"
-    check_name(cell_key, cell_name, list(CELLS), "cell")
+def _make_cell(name: Any, hidden: Any, name_key: str, hidden_key: str) -> Any:
+    """The linen cell ``name`` of ``hidden`` units (``*_key``: the spec keys, for messages)."""
+    check_name(name_key, name, list(CELLS), "cell")
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ConfigError(f"{hidden_key}: expected a positive integer, got {hidden!r}.")
+    return CELLS[name](hidden)
+
+
+def _online_layer(
+    i: int, cell: Any, label: str, hidden: int, estimator: Any, options: Any, keys: tuple, input_size: int
+) -> Layer:
+    """The :class:`Layer` ``rnn<i>`` of ``cell``; its estimator is built (and cached) for it."""
+    estimator_key, options_key = keys
+    layer = f"rnn{i}"
     check_name(estimator_key, estimator, _estimator_names(), "estimator")
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"{options_key}: expected a mapping of options, got {options!r}.")
     options = dict(options or {})
-    cell = CELLS[cell_name](hidden)
-    core = from_linen(cell, input_size, name=cell_name)
+    core = from_linen(cell, input_size, name=label)
     reason = registry.get_estimator_info(estimator).unsupported_reason(core)
     if reason is not None:
         message = registry.unsupported_message(estimator, core, reason)
@@ -295,13 +308,36 @@ def _build_layer(
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{options_key}: {error}") from None
     output_size = int(online.core.output_shape[-1])
-    return cell, Layer(cell_name, hidden, estimator, options, input_size, output_size)
+    return Layer(label, hidden, estimator, options, input_size, output_size)
+
+
+def _one_trace(spec: RunConfig, cells: list, labels: list[str], hidden: list[int], width: int) -> tuple:
+    """The layers (and the norms between them) folded into ONE core with one trace: ``(cell, Layer)``."""
+    model = spec.model
+    for key in ("layer_estimators", "layer_estimator_options", "residual"):
+        if getattr(model, key):
+            raise ConfigError(
+                f"model.{key}: {getattr(model, key)!r} needs model.traces=per_layer; with"
+                " model.traces=stack the layers are one core with one trace of the run's estimator."
+            )
+    modules = []
+    for i, cell in enumerate(cells):
+        if i and NORMS[model.norm] is not None:
+            modules.append(NORMS[model.norm]())
+        modules.append(cell)
+    stacked = StackedCell(tuple(modules))
+    label = f"stack({','.join(f'{n}/{h}' for n, h in zip(labels, hidden, strict=True))})"
+    keys = ("estimator", "estimator_options")
+    options = spec.estimator_options
+    return stacked, _online_layer(0, stacked, label, sum(hidden), spec.estimator, options, keys, width)
 
 
 def build_model(spec: RunConfig, input_size: int, num_outputs: int) -> tuple[OnlineStack, tuple[Layer, ...]]:
     """The whole Flax model of ``spec.model`` on inputs of ``input_size`` features.
 
-    Every layer's cell is made and its estimator built for it (once: the layer reuses it).
+    Every layer's cell is made and its estimator built for it (once: the layer reuses it). With
+    ``model.traces=stack`` the layers and the norms between them are one
+    :class:`~rtrl_jax.StackedCell` core with one trace (one :class:`Layer`).
 
     Returns:
       ``(model, layers)``: the :class:`OnlineStack` and its recurrent layers, bottom first.
@@ -309,31 +345,39 @@ def build_model(spec: RunConfig, input_size: int, num_outputs: int) -> tuple[Onl
     Raises:
       ConfigError: naming the key (``model.layer_estimators[1]``, ...) and, for a cell the chosen
         estimator cannot serve, the layer: a per-layer list of the wrong length, an unknown cell,
-        estimator, head or norm, bad options, or a residual between layers of unequal widths.
+        estimator, head, norm or trace layout, bad options, a residual between layers of unequal
+        widths, or per-layer estimators or residuals with ``model.traces=stack``.
     """
     model = spec.model
     check_name("model.head", model.head, HEADS, "head")
     check_name("model.norm", model.norm, list(NORMS), "norm")
-    cells = _per_layer(model, "layer_cells", model.cell, "model.cell")
+    check_name("model.traces", model.traces, TRACES, "trace layout")
+    names = _per_layer(model, "layer_cells", model.cell, "model.cell")
     hidden = _per_layer(model, "layer_hidden", model.hidden, "model.hidden")
-    estimators = _per_layer(model, "layer_estimators", spec.estimator, "estimator")
-    options = _layer_options(spec, estimators)
-    built, layers = [], []
+    cells = [_make_cell(n, h, n_key, h_key) for (n, n_key), (h, h_key) in zip(names, hidden, strict=True)]
+    labels, sizes = [n for n, _ in names], [h for h, _ in hidden]
     width = model.embedding or input_size
-    for i, per_layer in enumerate(zip(cells, hidden, estimators, options, strict=True)):
-        values, keys = zip(*per_layer, strict=True)
-        cell, layer = _build_layer(i, *values, keys, width)
-        if model.residual and i > 0 and layer.output_size != width:
-            raise ConfigError(
-                f"model.residual: layer {i} (rnn{i}) maps {width} features to {layer.output_size}; a"
-                " residual needs equal widths. Allowed: layers of equal widths (model.layer_hidden) or"
-                " model.residual=false."
-            )
-        built.append(cell)
-        layers.append(layer)
-        width = layer.output_size
+    if model.traces == "stack":
+        stacked, layer = _one_trace(spec, cells, labels, sizes, width)
+        cells, layers = [stacked], [layer]
+    else:
+        estimators = _per_layer(model, "layer_estimators", spec.estimator, "estimator")
+        options = _layer_options(spec, estimators)
+        layers = []
+        for i, ((estimator, e_key), (opts, o_key)) in enumerate(zip(estimators, options, strict=True)):
+            keys = (e_key, o_key)
+            layer = _online_layer(i, cells[i], labels[i], sizes[i], estimator, opts, keys, width)
+            if model.residual and i > 0 and layer.output_size != width:
+                raise ConfigError(
+                    f"model.residual: layer {i} (rnn{i}) maps {width} features to {layer.output_size};"
+                    " a residual needs equal widths. Allowed: layers of equal widths"
+                    " (model.layer_hidden) or model.residual=false."
+                )
+            layers.append(layer)
+            width = layer.output_size
+    width = layers[-1].output_size
     stack = OnlineStack(
-        cells=tuple(built),
+        cells=tuple(cells),
         estimators=tuple(layer.estimator for layer in layers),
         options=tuple(FrozenDict(layer.options) for layer in layers),
         num_outputs=num_outputs,

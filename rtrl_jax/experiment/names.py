@@ -1,4 +1,5 @@
-"""The names a spec may use: cells, tasks, optimizers, dtypes, heads, norms and non-finite policies.
+"""The names a spec may use: cells, tasks, optimizers, dtypes, heads, norms, trace layouts and
+non-finite policies.
 
 Estimators are named by the library's registry (:func:`rtrl_jax.registered`); the tables here are
 the experiment layer's own. :func:`register_cell` and :func:`register_task` add entries.
@@ -47,6 +48,9 @@ HEADS = ("linear", "mlp")
 NORMS: dict[str, Callable[..., Any] | None] = {"none": None, "layer": nn.LayerNorm, "rms": nn.RMSNorm}
 """``model.norm`` names: ``make(name=...) -> linen norm`` after every recurrent layer (``none``: no norm)."""
 
+TRACES = ("per_layer", "stack")
+"""``model.traces`` names: a trace per recurrent layer, or one for the whole stack as one core."""
+
 __all__ = [
     "CELLS",
     "DTYPES",
@@ -55,6 +59,7 @@ __all__ = [
     "NORMS",
     "OPTIMIZERS",
     "TASKS",
+    "TRACES",
     "register_cell",
     "register_task",
 ]

@@ -55,6 +55,11 @@ class ModelConfig:
         input and output widths must match).
       norm: ``none``, ``layer`` (LayerNorm) or ``rms`` (RMSNorm) after every recurrent layer (after
         the residual).
+      traces: ``per_layer`` (a trace per layer, gradients across layers at the current step) or
+        ``stack``: the layers and the norms between them folded into ONE core
+        (``rtrl_jax.StackedCell``) with one trace of the run's ``estimator`` over every layer's
+        parameters, keeping the cross-layer paths through time (with ``rtrl``: exact BPTT, at the
+        whole stack's cost); no per-layer estimators or residuals then.
     """
 
     cell: str = "gru"
@@ -70,6 +75,7 @@ class ModelConfig:
     head_hidden: int = 0
     residual: bool = False
     norm: str = "none"
+    traces: str = "per_layer"
 
 
 @dataclasses.dataclass(frozen=True)
