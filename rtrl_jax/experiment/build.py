@@ -33,16 +33,8 @@ from rtrl_jax._src.trainer import (
     init_train_state,
     linear_head,
 )
-from rtrl_jax.experiment.names import (
-    CELLS,
-    DTYPES,
-    HEADS,
-    NONFINITE_POLICIES,
-    NORMS,
-    OPTIMIZERS,
-    TASKS,
-    TRACES,
-)
+from rtrl_jax.experiment import names
+from rtrl_jax.experiment.names import CELLS, DTYPES, NONFINITE_POLICIES, OPTIMIZERS, TASKS
 from rtrl_jax.experiment.spec import CompareConfig, ConfigError, ModelConfig, RunConfig
 from rtrl_jax.experiment.stack import OnlineStack
 
@@ -322,8 +314,8 @@ def _one_trace(spec: RunConfig, cells: list, labels: list[str], hidden: list[int
             )
     modules = []
     for i, cell in enumerate(cells):
-        if i and NORMS[model.norm] is not None:
-            modules.append(NORMS[model.norm]())
+        if i and names.NORMS[model.norm] is not None:
+            modules.append(names.NORMS[model.norm]())
         modules.append(cell)
     stacked = StackedCell(tuple(modules))
     label = f"stack({','.join(f'{n}/{h}' for n, h in zip(labels, hidden, strict=True))})"
@@ -349,13 +341,13 @@ def build_model(spec: RunConfig, input_size: int, num_outputs: int) -> tuple[Onl
         widths, or per-layer estimators or residuals with ``model.traces=stack``.
     """
     model = spec.model
-    check_name("model.head", model.head, HEADS, "head")
-    check_name("model.norm", model.norm, list(NORMS), "norm")
-    check_name("model.traces", model.traces, TRACES, "trace layout")
-    names = _per_layer(model, "layer_cells", model.cell, "model.cell")
+    check_name("model.head", model.head, names.HEADS, "head")
+    check_name("model.norm", model.norm, list(names.NORMS), "norm")
+    check_name("model.traces", model.traces, names.TRACES, "trace layout")
+    kinds = _per_layer(model, "layer_cells", model.cell, "model.cell")
     hidden = _per_layer(model, "layer_hidden", model.hidden, "model.hidden")
-    cells = [_make_cell(n, h, n_key, h_key) for (n, n_key), (h, h_key) in zip(names, hidden, strict=True)]
-    labels, sizes = [n for n, _ in names], [h for h, _ in hidden]
+    cells = [_make_cell(n, h, n_key, h_key) for (n, n_key), (h, h_key) in zip(kinds, hidden, strict=True)]
+    labels, sizes = [n for n, _ in kinds], [h for h, _ in hidden]
     width = model.embedding or input_size
     if model.traces == "stack":
         stacked, layer = _one_trace(spec, cells, labels, sizes, width)
