@@ -2,14 +2,15 @@
 step's reduction (enumerating every sign), the reverse layout, and its errors.
 
 Closed form (derived in :mod:`rtrl_jax._src.reverse_kf`). With ``X1 = (D B) ⊗ b`` the propagated
-term and ``I = a ⊗ G`` the immediate one, one step's estimate ``J̃`` (signs ``ν ∈ {±1}^out`` for
-``I``, then the KF merge's ``c1, c2``) has mean ``X1 + I`` and
+term and ``I = a ⊗ G`` the immediate one, one step's estimate ``J̃`` (signs ``ν ∈ {±1}^out``, which
+also randomise the merge) has mean ``X1 + I`` and
 
     E‖J̃ − X1 − I‖² = E_ν[2 ‖b‖ ‖D B‖ ‖ν‖ ‖G ν‖ ‖a‖] + 2 ⟨X1, I⟩ + (out − 1) ‖a‖² ‖G‖².
 
 The z-test is the one of ``tests/test_uoro.py``: ``R = ‖mean − J‖² / (tr Σ̂ / N) ≤ Z² = 16``.
 """
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import rtrl_jax
-from rtrl_jax._src import estimator_stats
+from rtrl_jax._src import estimator_stats, reverse_kf
 from rtrl_jax._src.kf_rtrl import kf_merge
 from rtrl_jax._src.kronecker import reverse_immediate
 
@@ -95,15 +96,19 @@ def _tensor(u, a):  # J[s, i, j] from the reverse factors u (out,), a (in, S)
 
 
 def _one_step(b, moved, a, g, nu, c):
+    """One step; ``c = None``: the estimator's merge, else KF's merge with the signs ``c``."""
     u_imm, a_imm = reverse_immediate(a, g, nu)
-    u, new = kf_merge(jnp.stack([b, u_imm]), jnp.stack([moved, a_imm]), c)
+    u, a = jnp.stack([b, u_imm]), jnp.stack([moved, a_imm])
+    u, new = reverse_kf._merge(u, a, None) if c is None else kf_merge(u, a, c)
     return _tensor(u[0], new[0])
 
 
-@jax.jit
-def _mean_and_variance(b, moved, a, g, nus, cs):
-    """Mean and ``E‖J̃ − X1 − I‖²`` of one step over every ``ν`` in ``nus`` and ``(c1, c2)`` in ``cs``."""
-    outs = jax.vmap(lambda nu: jax.vmap(lambda c: _one_step(b, moved, a, g, nu, c))(cs))(nus)
+@functools.partial(jax.jit, static_argnames="with_signs")
+def _mean_and_variance(b, moved, a, g, nus, with_signs=False):
+    """Mean and ``E‖J̃ − X1 − I‖²`` of one step over every ``ν`` in ``nus`` (and, ``with_signs``,
+    every pair of extra merge signs ``c1, c2``)."""
+    cs = jnp.array(list(itertools.product((-1.0, 1.0), repeat=2))) if with_signs else [None]
+    outs = jnp.stack([jax.vmap(lambda nu, c=c: _one_step(b, moved, a, g, nu, c))(nus) for c in cs], axis=1)
     outs = outs.reshape(-1, *outs.shape[2:])
     target = _tensor(b, moved) + jnp.einsum("i,js->sij", a, g)
     return outs.mean(0), jnp.mean(jnp.sum((outs - target) ** 2, axis=(1, 2, 3))), target
@@ -120,16 +125,16 @@ def _closed_form_variance(b, moved, a, g, nus):
 @pytest.mark.parametrize("out_size", [1, 3])
 def test_one_step_unbiased_with_closed_form_variance(out_size):
     nus = jnp.array(list(itertools.product((-1.0, 1.0), repeat=out_size)), jnp.float64)
-    cs = jnp.array(list(itertools.product((-1.0, 1.0), repeat=2)), jnp.float64)
     for seed in range(6):
         b, moved, a, g = _step_terms(jax.random.PRNGKey(seed), out_size=out_size)
         moved = moved * [0.1, 1.0, 10.0][seed % 3]
         if seed == 5:  # the first step: nothing propagated, the merge keeps the sign estimate of I
             b, moved = jnp.zeros_like(b), jnp.zeros_like(moved)
-        mean, variance, target = _mean_and_variance(b, moved, a, g, nus, cs)
-        np.testing.assert_allclose(mean, target, rtol=0, atol=1e-12)
         expected = _closed_form_variance(b, moved, a, g, nus)
-        np.testing.assert_allclose(variance, expected, rtol=1e-10, atol=1e-12)
+        for with_signs in (False, True):  # extra merge signs change nothing
+            mean, variance, target = _mean_and_variance(b, moved, a, g, nus, with_signs=with_signs)
+            np.testing.assert_allclose(mean, target, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(variance, expected, rtol=1e-10, atol=1e-12)
         if out_size == 1:  # ν = ±1 makes the immediate term exact: only KF's merge variance is left
             kf = 2 * jnp.linalg.norm(b) * jnp.linalg.norm(moved) * jnp.linalg.norm(g) * jnp.linalg.norm(a)
             kf += 2 * jnp.sum(_tensor(b, moved) * jnp.einsum("i,js->sij", a, g))

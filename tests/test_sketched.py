@@ -68,6 +68,7 @@ def test_rank_zero_is_snap1_full_rank_is_rtrl_and_the_bound_holds(cell_name):
         sketched_rtrl(core, 0),
         sketched_rtrl(core, 1),
         sketched_rtrl(core, 2, append=1),
+        sketched_rtrl(core, 1, append=size),  # no pre-projection below full rank
         sketched_rtrl(core, size),
     ]
     (exact, _, _), (snap1, _, _), *sketched = _per_step(core, params, carry, xs, estimators)

@@ -14,22 +14,26 @@ kernel's input side. It enters as its unbiased rank-one estimate with random sig
 
     I ≈ ((G_t ν) ⊗ a_t) ⊗ ν,        E_ν[(G_t ν)_s ν_j] = G_t[s, j].
 
-The two terms ``(D_t B) ⊗ b`` and ``((G_t ν) ⊗ a_t) ⊗ ν`` are then merged with KF-RTRL's
-random-sign merge (:func:`~rtrl_jax.kf_merge`, signs ``c1, c2``; the sign estimate of ``I`` is
-:func:`rtrl_jax._src.kronecker.reverse_immediate`):
+The two terms ``X1 = (D_t B) ⊗ b`` and ``X2 = ((G_t ν) ⊗ a_t) ⊗ ν`` (the sign estimate is
+:func:`rtrl_jax._src.kronecker.reverse_immediate`) are merged as KF-RTRL merges its two terms
+(:func:`~rtrl_jax.kf_merge`), with ``ν`` itself doing the work of the random signs:
 
-    b ← c1 p1 b + c2 p2 ν,     B ← c1 (D_t B)/p1 + c2 ((G_t ν) ⊗ a_t)/p2,
+    b ← p1 b + p2 ν,     B ← (D_t B)/p1 + ((G_t ν) ⊗ a_t)/p2,
     p1 = sqrt(‖D_t B‖/‖b‖),    p2 = sqrt(‖G_t ν‖ ‖a_t‖/‖ν‖).
 
-Unbiased: the merge is unbiased given ``ν`` (``E[c1 c2] = 0``) and ``ν``'s estimate is unbiased.
-With ``X1 = (D_t B) ⊗ b`` and ``I = a_t ⊗ G_t`` the exact step, the variance of one step is
+Unbiased: the product is ``X1 + X2`` plus the cross terms ``(p1/p2) b ⊗ ((G_t ν) ⊗ a_t)`` and
+``(p2/p1) ν ⊗ (D_t B)``, which are odd in ``ν`` (``p2`` is even) and vanish in mean, and
+``E_ν[X2] = I``. The cross terms (odd) are uncorrelated with ``X2 − I`` (even), so with
+``I = a_t ⊗ G_t`` the variance of one step is
 
     E‖J̃ − (X1 + I)‖²_F = E_ν[2 ‖b‖ ‖D_t B‖ ‖ν‖ ‖G_t ν‖ ‖a_t‖] + 2 ⟨X1, I⟩_F
-                          + (out − 1) ‖a_t‖² ‖G_t‖²_F,
+                          + (out − 1) ‖a_t‖² ‖G_t‖²_F:
 
-the merge's variance given ``ν`` (KF-RTRL's closed form, whose cross term averages over ``ν`` to
-``2 ⟨X1, I⟩_F``) plus the variance of the sign estimate of ``I``, ``‖a_t‖² E‖G_t(ν νᵀ − I)‖²_F``.
-For a vanilla RNN ``G_t = diag(φ')`` and this is the estimator of Marschall et al.; it costs, like
+the cross terms' (KF-RTRL's closed form, whose inner-product term averages over ``ν`` to
+``2 ⟨X1, I⟩_F``) plus the sign estimate's, ``‖a_t‖² E‖G_t(ν νᵀ − I)‖²_F``. Independent merge signs
+``c1, c2`` on top (as KF-RTRL draws) would leave it unchanged. A term with a zero factor (``b = 0``
+at the first step) is dropped from the merge.
+For a vanilla RNN ``G_t = diag(φ')`` and this is Marschall et al.'s update; it costs, like
 KF-RTRL, ``O(n³)`` per step (``D_t`` applied to the ``in`` rows of ``B``) and ``O(n²)`` memory per
 kernel. Parameters that are not factored Dense kernels are tracked exactly (see
 :mod:`rtrl_jax._src.kronecker`).
@@ -40,14 +44,23 @@ for Training Recurrent Neural Networks", JMLR 21(135), 2020, arXiv:1907.02649 (R
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from rtrl_jax._src.base import Estimator
-from rtrl_jax._src.kf_rtrl import _random_merge
+from rtrl_jax._src.kf_rtrl import kf_merge
 from rtrl_jax._src.kronecker import KroneckerState, kronecker_estimator, unsupported_reason
 from rtrl_jax._src.registry import register
 
 RKFState = KroneckerState
 """The reverse KF-RTRL trace: a :class:`~rtrl_jax.KroneckerState` of rank 1 whose ``u`` factors run
 over each kernel's output index and ``a`` factors over its input index."""
+
+
+def _merge(u: jax.Array, a: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """KF-RTRL's merge with both signs +1: the immediate term's ``ν`` already randomises it."""
+    del key
+    return kf_merge(u, a, jnp.ones((2,), u.dtype))
 
 
 def reverse_kf_rtrl(core) -> Estimator:
@@ -71,7 +84,7 @@ def reverse_kf_rtrl(core) -> Estimator:
       >>> carry, out, trace = est.step(trace, params, carry, x, key=key)
       >>> grads = est.grad(trace, params, carry_bar)
     """
-    return kronecker_estimator(core, rank=1, reduce=_random_merge, name="R-KF-RTRL", reverse=True)
+    return kronecker_estimator(core, rank=1, reduce=_merge, name="R-KF-RTRL", reverse=True)
 
 
 register(
