@@ -163,12 +163,22 @@ TWO_LAYERS = [
     "train.steps=40",
     "train.chunk_size=10",
     "train.checkpoint_every=20",
+    "train.update_every=2",
 ]
 
 
 def test_one_layer_is_the_core_and_head_run():
     assert build(load_config(None, ["model.hidden=4"])).model is None
     assert build(load_config(None, ["model.hidden=4", "model.layers=1"])).model is None
+
+
+def test_layers_take_the_run_estimator_and_its_options_unless_given_their_own():
+    overrides = ["task=add", "model.hidden=4", "model.layers=2", "model.layer_estimators=[tbptt,rtrl]"]
+    experiment = build(load_config(None, [*overrides, "estimator=tbptt", "estimator_options.window=3"]))
+    assert [(layer.estimator, layer.options) for layer in experiment.layers] == [
+        ("tbptt", {"window": 3}),
+        ("rtrl", {}),
+    ]
 
 
 def test_a_stack_with_one_trace_is_one_layer_over_every_cell_and_norm():
