@@ -55,11 +55,15 @@ EXACT = 1e-10  # per-step relative error against BPTT where the registry says ex
 NOT_EXACT = 1e-6  # the largest per-step relative error must exceed this where it says not exact
 # Two computations of the same quantity (vmap against the loop, the drop-in against online_grad,
 # jit(step) against the steps in lax.scan): largest per-step relative error.
-SAME = {"float64": 1e-12, "float32": 1e-5}
+# float64: about 5000 ulps; float32: about 1000 ulps (UORO's gradient (c·s̃) θ̃ loses digits to
+# cancellation in the dot product c·s̃).
+SAME = {"float64": 1e-12, "float32": 1e-4}
 
 # The shipped cells, small: Flax linen cells and the library's cells. ``DEFAULT_CELLS``, the cells of
 # the default run: a dense Flax cell (several Dense kernels reading the carry) and an element-wise
-# library cell with a pytree carry (``(c, h)``; SnAp-1 is exact on it).
+# library cell with a pytree carry (``(c, h)``; SnAp-1 is exact on it). ``DEFAULT_DTYPES``: the
+# default run holds every estimator to float64 on both (exactness both ways) and to float32 on the
+# first (the path users run); the rest of the product runs under -m slow.
 CELLS: dict[str, Callable[[], nn.RNNCellBase]] = {
     "simple": lambda: nn.SimpleCell(3),
     "gru": lambda: nn.GRUCell(3),
@@ -67,6 +71,7 @@ CELLS: dict[str, Callable[[], nn.RNNCellBase]] = {
     "optimized_lstm": lambda: nn.OptimizedLSTMCell(3),
     "mgu": lambda: nn.MGUCell(3),
     "lru": lambda: rtrl_jax.LRUCell(2),
+    "lru_real": lambda: rtrl_jax.LRUCell(2, complex_state=False),
     "elstm": lambda: rtrl_jax.ELSTMCell(3),
     "leaky": lambda: rtrl_jax.LeakyRNNCell(3, tau=3.0),
     "sparse_rnn": lambda: rtrl_jax.SparseRNNCell(4, density=0.5),
@@ -77,6 +82,7 @@ CELLS: dict[str, Callable[[], nn.RNNCellBase]] = {
     "alif": lambda: rtrl_jax.ALIFCell(4, threshold=1.5, beta=0.5, refractory=1),
 }
 DEFAULT_CELLS = ("gru", "elstm")
+DEFAULT_DTYPES = {"gru": ("float32", "float64"), "elstm": ("float64",)}
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """Shared by the tests: per-step online gradients of a step loss, and an online run on the add task."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -37,9 +38,37 @@ def rollout(core, estimator, params, carry, xs):
     return carry, trace, rtrl_jax.influence_matrix(estimator, trace, params, carry)
 
 
-def add_task_loss(core, estimator, *, readout_only=False, steps=3000, batch=16, seed=0):
-    """Mean step loss over the last fifth of an online run on the add task (t1=5, t2=9)."""
+def frozen(core):
+    """An estimator without a trace whose gradient is zero: the core stays as initialised."""
+    return rtrl_jax.Estimator(
+        init=lambda params, carry, *, key=None: (),
+        step=lambda trace, params, carry, x, *, key=None: (*core(params, carry, x), ()),
+        grad=lambda trace, params, carry_bar: jax.tree.map(jnp.zeros_like, params),
+    )
 
+
+def add_task_loss(core, estimator, *, readout_only=False, steps=3000, batch=16, seed=0):
+    """Mean step loss over the last fifth of an online run on the add task (t1=5, t2=9).
+
+    ``readout_only``: only the head learns, the core stays as initialised. That loss does not
+    depend on the estimator (the core's gradients are dropped), so it is computed once per core
+    configuration with :func:`frozen` and shared by the tests."""
+    if readout_only:
+        key = (repr(core.module), core.input_shape, steps, batch, seed, jax.config.jax_enable_x64)
+        return _readout_only_loss(key, core, steps, batch, seed)
+    return _add_task_loss(core, estimator, False, steps, batch, seed)
+
+
+_READOUT_ONLY = {}
+
+
+def _readout_only_loss(key, core, steps, batch, seed):
+    if key not in _READOUT_ONLY:
+        _READOUT_ONLY[key] = _add_task_loss(core, frozen(core), True, steps, batch, seed)
+    return _READOUT_ONLY[key]
+
+
+def _add_task_loss(core, estimator, readout_only, steps, batch, seed):
     params, _ = core.init(jax.random.PRNGKey(seed))
     head = rtrl_jax.linear_head()
     head_params = head.init(jax.random.PRNGKey(seed + 1), core.output(core.initial_carry()).shape[0], 2)

@@ -5,9 +5,9 @@ keys, exactness against BPTT where the registry says exact and not elsewhere).
 The cases are read off ``rtrl_jax.registered()`` when this module is collected; ``conftest.py``
 imports every test module first, so an estimator that a test module registers at import time is
 covered whatever the collection order. The default run covers every estimator on the
-``conformance.DEFAULT_CELLS`` it serves (or, serving none, on the first cell it serves); the other
-cells are marked ``slow`` (``pytest -m slow``). Each case is computed once (two compiled programs)
-and shared by its tests.
+``conformance.DEFAULT_CELLS`` it serves in their ``DEFAULT_DTYPES`` (float64 on both, float32 on
+the dense one); the rest of the product is marked ``slow`` (``pytest -m slow``). Each case is
+computed once (two compiled programs) and shared by its tests.
 """
 
 import conformance
@@ -17,18 +17,22 @@ import rtrl_jax
 
 
 def _cases():
-    """Default cases: each estimator on the default cells it serves (or, serving none, on the first
-    shipped cell it serves). ``slow`` cases: on every other shipped cell; whether it serves the
-    cell is asked when the case runs (asking costs a trace of the cell), and a case of a cell it
-    does not serve is skipped with the estimator's reason."""
+    """Default cases: each estimator on the default cells it serves, in their default dtypes (or,
+    serving none of them, on the first shipped cell it serves, in both dtypes). ``slow`` cases: the
+    rest of the product; whether the estimator serves a cell is asked when such a case runs
+    (asking costs a trace of the cell), and a case of a cell it does not serve is skipped with the
+    estimator's reason."""
     cases = []
     for info in rtrl_jax.registered():
-        default = conformance.cells_served(info, conformance.DEFAULT_CELLS)
+        default = {
+            cell: conformance.DEFAULT_DTYPES[cell]
+            for cell in conformance.cells_served(info, conformance.DEFAULT_CELLS)
+        }
         if not default:
-            default = conformance.cells_served(info)[:1]
+            default = {cell: conformance.DTYPES for cell in conformance.cells_served(info)[:1]}
         for cell in conformance.CELLS:
-            marks = () if cell in default else (pytest.mark.slow,)
             for dtype in conformance.DTYPES:
+                marks = () if dtype in default.get(cell, ()) else (pytest.mark.slow,)
                 case_id = f"{info.name}-{cell}-{dtype}"
                 cases.append(pytest.param(info.name, cell, dtype, id=case_id, marks=marks))
     return cases

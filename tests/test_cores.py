@@ -8,8 +8,6 @@ from flax import nnx
 
 import rtrl_jax as rj
 
-pytestmark = pytest.mark.x64  # float64 exactness checks
-
 
 @pytest.mark.parametrize(
     "cell, carry_leaves",
@@ -102,6 +100,7 @@ def test_carry_shape_mismatch_is_named(gru):
         )
 
 
+@pytest.mark.x64  # float64 parameters to mix with float32 ones
 def test_dtype_mix_is_rejected(gru):
     core, params, carry = gru
     with pytest.raises(ValueError, match="mix floating dtypes"):

@@ -12,6 +12,7 @@ tail by ``(s/q)(I − w wᵀ)`` (s = tail sum, q = r − m), whose deviation fro
 ``E‖·‖² = (s/q)² q − Σ σ_tail² = s²/q − Σ_{i>m} σ_i²``.
 """
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -28,6 +29,9 @@ from rtrl_jax._src.tasks import add_task_baselines
 pytestmark = pytest.mark.x64  # float64 exactness checks
 
 TOL = 1e-10
+# Compile time is nearly all of the cost of the programs these tests jit themselves: they are
+# compiled with XLA's backend optimisation off.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class _VectorCell(nn.RNNCellBase):
@@ -76,7 +80,7 @@ def _influences(core, estimators, steps, seed=0):
     )
     inputs = jax.random.normal(jax.random.PRNGKey(seed + 1), (steps, core.input_shape[0]), jnp.float64)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
     def run(key):
         return [estimator_stats.final_influence(est, params, carry, inputs, key) for est in estimators]
 
@@ -146,14 +150,17 @@ def test_grad_matches_influence_and_batches_with_vmap():
     est = rtrl_jax.ok(core, rank=2)
     xs = jax.random.normal(jax.random.PRNGKey(1), (5, 2, 3), jnp.float64)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
     def run(xs, keys):
         def stream(x, key):
-            trace = est.init(params, carry)
-            c = carry
-            for t in range(x.shape[0]):
-                c, _, trace = est.step(trace, params, c, x[t], key=jax.random.fold_in(key, t))
-            return c, trace
+            def body(state, inputs):
+                c, trace = state
+                x_t, t = inputs
+                c, _, trace = est.step(trace, params, c, x_t, key=jax.random.fold_in(key, t))
+                return (c, trace), None
+
+            steps = jnp.arange(x.shape[0])
+            return jax.lax.scan(body, (carry, est.init(params, carry)), (x, steps))[0]
 
         return jax.vmap(stream, in_axes=(1, 0))(xs, keys)
 
@@ -182,11 +189,27 @@ def _matrix(u, a):
     return jnp.einsum("qi,qsj->sij", u, a)
 
 
-def _enumerate(reduce, u, a, k):
-    signs = jnp.array(list(itertools.product((-1.0, 1.0), repeat=k)), jnp.float64)
-    outs = jax.vmap(lambda s: _matrix(*reduce(u, a, s)))(signs)
-    target = _matrix(u, a)
-    return outs.mean(0), jnp.mean(jnp.sum((outs - target) ** 2, axis=(1, 2, 3))), target
+@functools.cache
+def _enumerator(rank):
+    """``(u, a) -> (mean, E‖error‖², target)`` over every sign pattern of one reduction of ``rank +
+    1`` terms to ``rank`` (``rank=None``: the KF merge of 2 terms), jitted once per rank."""
+    if rank is None:
+        reduce, k = rtrl_jax.kf_merge, 2
+    else:
+        reduce, k = functools.partial(rtrl_jax.ok_reduce, rank=rank), rank + 1
+
+    @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
+    def run(u, a):
+        signs = jnp.array(list(itertools.product((-1.0, 1.0), repeat=k)), u.dtype)
+        outs = jax.vmap(lambda s: _matrix(*reduce(u, a, s)))(signs)
+        target = _matrix(u, a)
+        return outs.mean(0), jnp.mean(jnp.sum((outs - target) ** 2, axis=(1, 2, 3))), target
+
+    return run
+
+
+def _enumerate(rank, u, a):
+    return _enumerator(rank)(u, a)
 
 
 def _kf_variance(u, a):
@@ -208,7 +231,7 @@ def _ok_variance(u, a, rank):
 def test_kf_merge_unbiased_with_closed_form_variance():
     for seed in range(20):
         u, a = _terms(jax.random.PRNGKey(seed), 2, spread=[0.1, 1.0, 10.0][seed % 3])
-        mean, variance, target = _enumerate(rtrl_jax.kf_merge, u, a, 2)
+        mean, variance, target = _enumerate(None, u, a)
         np.testing.assert_allclose(mean, target, atol=1e-12)
         np.testing.assert_allclose(variance, _kf_variance(u, a), rtol=1e-10)
 
@@ -222,7 +245,7 @@ def test_ok_reduction_unbiased_with_closed_form_variance(rank):
         if seed % 4 == 3:  # orthogonal terms of similar size: flat spectrum, the whole of it mixed
             u = jnp.eye(rank + 1, 6) * (1.0 + 0.1 * jnp.arange(rank + 1.0))[:, None]
             a = jnp.linalg.qr(a.reshape(rank + 1, -1).T)[0].T.reshape(a.shape)
-        mean, variance, target = _enumerate(lambda u, a, s: rtrl_jax.ok_reduce(u, a, s, rank), u, a, rank + 1)
+        mean, variance, target = _enumerate(rank, u, a)
         expected, m = _ok_variance(u, a, rank)
         used_m.add(m)
         np.testing.assert_allclose(mean, target, atol=1e-11)
@@ -243,8 +266,8 @@ def test_one_ok_variance_never_above_kf():
         u, a = _terms(jax.random.PRNGKey(200 + seed), 2, spread=[0.1, 1.0, 3.0][seed % 3])
         if seed % 5 == 0:  # nearly aligned terms, where KF's cross term matters most
             u = u.at[1].set(u[0] + 0.1 * u[1])
-        _, ok_var, _ = _enumerate(lambda u, a, s: rtrl_jax.ok_reduce(u, a, s, 1), u, a, 2)
-        _, kf_var, _ = _enumerate(rtrl_jax.kf_merge, u, a, 2)
+        _, ok_var, _ = _enumerate(1, u, a)
+        _, kf_var, _ = _enumerate(None, u, a)
         assert ok_var <= kf_var * (1 + 1e-12) + 1e-14, (seed, ok_var, kf_var)
 
 
@@ -291,7 +314,8 @@ def test_variance_ordering_small():
         name: float(
             estimator_stats.relative_variance(
                 jax.jit(
-                    lambda k, est=est: estimator_stats.sample_final_influences(est, params, carry, inputs, k)
+                    lambda k, est=est: estimator_stats.sample_final_influences(est, params, carry, inputs, k),
+                    compiler_options=COMPILER_OPTIONS,
                 )(keys),
                 exact,
             )
@@ -304,6 +328,7 @@ def test_variance_ordering_small():
 # --- learning: the trainer learns the add task with KF and 2-OK on a GRU ---
 
 
+@pytest.mark.slow  # 3000 training steps per estimator
 @pytest.mark.parametrize("name, options", [("kf", {}), ("ok", {"rank": 2})])
 def test_trainer_learns_add_task_with_kronecker_estimators(name, options):
     from online_learning import add_task_loss

@@ -305,6 +305,7 @@ def test_registry():
         rtrl_jax.make_estimator("snap", lambda p, h, x: (h, h))
 
 
+@pytest.mark.slow  # 3000 training steps
 def test_trainer_learns_add_task_with_snap1():
     core = rtrl_jax.from_linen(nn.GRUCell(features=16), 2)
     estimator = rtrl_jax.snap(core, 1)

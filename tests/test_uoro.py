@@ -7,6 +7,8 @@ region of a two-sided ``z``-test at ``|z| ≤ 4`` (false rejection ≤ 6.3e-5 pe
 biased variant is rejected by the same test, so the test has power.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,10 +23,18 @@ pytestmark = pytest.mark.x64  # float64 exactness checks
 
 Z = 4.0
 STEPS = 8
+CELLS = {"tanh_rnn": lambda: nn.SimpleCell(features=5), "gru": lambda: nn.GRUCell(features=4)}
 
 
-def _trajectory(cell, input_size=3, seed=0):
-    core = rtrl_jax.from_linen(cell, input_size)
+# Compile time is nearly all of these tests' cost: the sampling programs are compiled with XLA's
+# backend optimisation off (it would cost more than it saves on 1000 samples of 8 small steps).
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+@functools.cache
+def _trajectory(cell_name, input_size=3, seed=0):
+    """A fixed trajectory of ``CELLS[cell_name]`` and its exact influence (once per session)."""
+    core = rtrl_jax.from_linen(CELLS[cell_name](), input_size)
     params, carry = core.init(jax.random.PRNGKey(seed), dtype=jnp.float64)
     inputs = jax.random.normal(jax.random.PRNGKey(seed + 1), (STEPS, input_size), jnp.float64)
     exact = estimator_stats.final_influence(rtrl_jax.rtrl(core), params, carry, inputs, jax.random.PRNGKey(0))
@@ -33,11 +43,13 @@ def _trajectory(cell, input_size=3, seed=0):
 
 def _samples(estimator, params, carry, inputs, num, seed=7):
     keys = jax.random.split(jax.random.PRNGKey(seed), num)
-    sample = jax.jit(lambda k: estimator_stats.sample_final_influences(estimator, params, carry, inputs, k))
+    sample = jax.jit(
+        lambda k: estimator_stats.sample_final_influences(estimator, params, carry, inputs, k),
+        compiler_options=COMPILER_OPTIONS,
+    )
     return sample(keys)
 
 
-CELLS = {"tanh_rnn": lambda: nn.SimpleCell(features=5), "gru": lambda: nn.GRUCell(features=4)}
 ESTIMATORS = {
     "uoro": lambda core: rtrl_jax.uoro(core),
     "kf": lambda core: rtrl_jax.kf_rtrl(core),
@@ -46,10 +58,12 @@ ESTIMATORS = {
 }
 
 
-@pytest.mark.parametrize("cell_name", sorted(CELLS))
+# 1000 samples per case: the GRU cases (its explicit D_t path is also checked against the per-row
+# one in test_kronecker.py) run under -m slow.
+@pytest.mark.parametrize("cell_name", ["tanh_rnn", pytest.param("gru", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("estimator_name", sorted(ESTIMATORS))
 def test_unbiased_on_fixed_trajectory(cell_name, estimator_name):
-    core, params, carry, inputs, exact = _trajectory(CELLS[cell_name]())
+    core, params, carry, inputs, exact = _trajectory(cell_name)
     samples = _samples(ESTIMATORS[estimator_name](core), params, carry, inputs, 1000)
     assert jnp.all(jnp.isfinite(samples))
     for n in (100, 1000):
@@ -61,7 +75,7 @@ def test_unbiased_on_fixed_trajectory(cell_name, estimator_name):
 
 def test_z_test_rejects_a_biased_estimator():
     """KF whose immediate term is scaled by 1.5 is biased; the same test rejects it."""
-    core, params, carry, inputs, exact = _trajectory(CELLS["tanh_rnn"]())
+    core, params, carry, inputs, exact = _trajectory("tanh_rnn")
 
     def biased_merge(u, a, key):
         return kf_merge(u, a.at[1].multiply(1.5), jax.random.rademacher(key, (2,), dtype=u.dtype))
@@ -72,7 +86,7 @@ def test_z_test_rejects_a_biased_estimator():
 
 
 def test_uoro_factors_and_gradient():
-    core, params, carry, inputs, _ = _trajectory(CELLS["gru"]())
+    core, params, carry, inputs, _ = _trajectory("gru")
     est = rtrl_jax.uoro(core)
     trace = est.init(params, carry)
     assert trace.carry_factor.shape == (core.carry_size,)
