@@ -5,9 +5,10 @@ keys, exactness against BPTT where the registry says exact and not elsewhere).
 The cases are read off ``rtrl_jax.registered()`` when this module is collected; ``conftest.py``
 imports every test module first, so an estimator that a test module registers at import time is
 covered whatever the collection order. The default run covers every estimator on the
-``conformance.DEFAULT_CELLS`` it serves in their ``DEFAULT_DTYPES`` (float64 on both, float32 on
-the dense one); the rest of the product is marked ``slow`` (``pytest -m slow``). Each case is
-computed once (two compiled programs) and shared by its tests.
+``conformance.DEFAULT_CELLS`` it serves in their ``DEFAULT_DTYPES`` (a dense Flax cell in float32,
+an element-wise library cell with a pytree carry in float64); the rest of the product is marked
+``slow`` (``pytest -m slow``). Each case is computed once (two compiled programs) and shared by its
+tests.
 """
 
 import conformance

@@ -107,7 +107,14 @@ def test_layout_finds_each_dense_kernel_once():
     assert names["user"] == ["gate", "inner", "outer"]
 
 
-@pytest.mark.parametrize("cell_name", sorted(CELLS))
+# Default run: the GRU and the user cell (stacked, shared and element-wise parameters); the tanh RNN
+# and the LSTM under -m slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "cell_name", ["gru", "user", pytest.param("simple", marks=SLOW), pytest.param("lstm", marks=SLOW)]
+)
 def test_ok_with_enough_rank_is_exact_rtrl_and_kf_is_exact_after_one_step(cell_name):
     core = rtrl_jax.from_linen(CELLS[cell_name](), 3)
     steps = 4
@@ -119,7 +126,9 @@ def test_ok_with_enough_rank_is_exact_rtrl_and_kf_is_exact_after_one_step(cell_n
     np.testing.assert_allclose(one[2], one[0], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("cell_name", ["simple", "gru", "user"])
+@pytest.mark.parametrize(
+    "cell_name", ["gru", pytest.param("simple", marks=SLOW), pytest.param("user", marks=SLOW)]
+)
 def test_explicit_and_per_row_dynamics_give_the_same_trace(cell_name, monkeypatch):
     """``D_t`` is applied either by one JVP per stored row or, when the cell's JVP costs several
     matrix-vector products (a GRU), by forming ``D_t`` once; both are the same recursion. (KF-RTRL
@@ -297,6 +306,7 @@ def test_clear_error_for_cells_without_dense_kernels():
 # --- variance against exact RTRL (small version of benchmarks/variance_vs_n.py) ---
 
 
+@pytest.mark.slow  # 200 samples from each of 5 estimators
 def test_variance_ordering_small():
     core = rtrl_jax.from_linen(nn.SimpleCell(features=8), 4)
     params, carry = core.init(jax.random.PRNGKey(0), dtype=jnp.float64)

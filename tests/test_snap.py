@@ -114,13 +114,16 @@ def test_snap_at_diameter_plus_one_is_exact_rtrl(cell):
 
 def _masked_rtrl(core, params, carry, xs, mask, leak=None):
     """The definition, densely: ``J_t = (I_t + D_t J_{t-1}) ⊙ M`` (``D_t`` replaced by ``leak``)."""
-    jac = jnp.zeros(mask.shape, jnp.float64)
-    for x in xs:
+
+    def body(state, x):
+        carry, jac = state
         carry, _, dynamics, immediate = rtrl_jax.dynamics_and_immediate(core.apply, params, carry, x)
         immediate = jnp.concatenate(jax.tree.leaves(immediate), axis=0).T
         propagated = dynamics @ jac if leak is None else leak * jac
-        jac = (immediate + propagated) * mask
-    return jac
+        return (carry, (immediate + propagated) * mask), None
+
+    run = jax.jit(lambda carry, xs: jax.lax.scan(body, (carry, jnp.zeros(mask.shape, jnp.float64)), xs)[0][1])
+    return run(carry, xs)
 
 
 def _assert_snap1_follows_masked_recursion(core, steps):

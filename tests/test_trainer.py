@@ -31,6 +31,7 @@ def _mean_loss(metrics, part):
 # float32 parameters and data; x64 on as when this bound was set (some of the trainer's internal
 # arithmetic then runs in float64; with x64 off the run ends at 0.26 and 0.87).
 @pytest.mark.x64
+@pytest.mark.slow  # 3000 training steps (the default run's learning check: test_rflo.py's add task)
 def test_exact_rtrl_learns_the_copy_task():
     task = tasks.copy_task(length=5)
     core, estimator, optimizer, state, stream = _setup(task, steps=3000)
