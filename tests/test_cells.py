@@ -8,8 +8,6 @@ import pytest
 
 import rtrl_jax
 
-pytestmark = pytest.mark.x64  # float64 exactness checks
-
 CELLS = {
     "lru_complex": lambda: rtrl_jax.LRUCell(3),
     "lru_real": lambda: rtrl_jax.LRUCell(3, complex_state=False),
@@ -44,6 +42,7 @@ def test_every_estimator_serves_the_cell(name):
     assert {"rtrl", "snap", "rflo", "tbptt", "uoro"} <= set(rtrl_jax.estimators_for(core))
 
 
+@pytest.mark.x64  # float64 reference equations
 def test_lru_matches_complex_reference():
     cell = rtrl_jax.LRUCell(4, r_min=0.4, r_max=0.9)
     core = rtrl_jax.from_linen(cell, 3)
@@ -61,6 +60,7 @@ def test_lru_matches_complex_reference():
         np.testing.assert_allclose(out, np.concatenate([h.real, h.imag]), atol=1e-12)
 
 
+@pytest.mark.x64  # float64 reference equations
 def test_real_lru():
     core = rtrl_jax.from_linen(rtrl_jax.LRUCell(4, complex_state=False), 2)
     params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
@@ -72,6 +72,7 @@ def test_real_lru():
     np.testing.assert_allclose(carry, expected, atol=1e-12)
 
 
+@pytest.mark.x64  # float64 reference equations
 def test_elstm_matches_equations():
     core = rtrl_jax.from_linen(rtrl_jax.ELSTMCell(3), 2)
     params, _ = core.init(jax.random.PRNGKey(0), jnp.float64)
@@ -98,6 +99,7 @@ def test_random_mask_density_and_seed():
         rtrl_jax.random_mask((3, 3), 0.0)
 
 
+@pytest.mark.x64  # float64 reference equations
 def test_masked_weights_do_not_act_and_get_no_gradient():
     cell = rtrl_jax.SparseRNNCell(6, density=0.3, seed=2)
     core = rtrl_jax.from_linen(cell, 2)
@@ -133,6 +135,7 @@ def test_sparse_gru_masks():
     np.testing.assert_array_equal(dynamics & ~np.eye(8, dtype=bool), union & ~np.eye(8, dtype=bool))
 
 
+@pytest.mark.x64  # float64 reference equations
 def test_leaky_cell():
     cell = rtrl_jax.LeakyRNNCell(3, tau=4.0)
     assert cell.leak == pytest.approx(0.75)

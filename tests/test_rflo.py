@@ -10,8 +10,6 @@ from online_learning import add_task_loss, rollout
 import rtrl_jax
 from rtrl_jax._src.tasks import add_task_baselines
 
-pytestmark = pytest.mark.x64  # float64 exactness checks
-
 
 def _setup(core, steps=6):
     params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
@@ -20,6 +18,7 @@ def _setup(core, steps=6):
     return params, carry, xs
 
 
+@pytest.mark.x64  # float64 references
 def test_rflo_is_murrays_eligibility_trace():
     """For h' = α h + (1 - α) tanh(W h + U x + b): e_t[k, W_jk] = α e + (1 - α) φ'(z_k) h_j."""
     tau = 4.0
@@ -56,6 +55,7 @@ def test_rflo_is_murrays_eligibility_trace():
         np.testing.assert_array_equal(got[k]["recurrent"]["kernel"][:, others], 0.0)
 
 
+@pytest.mark.x64  # float64 references
 def test_rflo_exact_when_dynamics_is_the_leak():
     """A cell whose D is exactly α·I: RFLO with that α is exact RTRL."""
     alpha = 0.7
@@ -77,6 +77,7 @@ def test_rflo_exact_when_dynamics_is_the_leak():
     assert float(jnp.max(jnp.abs(wrong - exact))) > 1e-3
 
 
+@pytest.mark.x64  # float64 references
 def test_leak_zero_is_the_immediate_jacobian():
     core = rtrl_jax.from_linen(nn.GRUCell(features=3), 2)
     params, carry, xs = _setup(core, steps=3)
@@ -85,6 +86,7 @@ def test_leak_zero_is_the_immediate_jacobian():
     np.testing.assert_allclose(got, immediate, atol=1e-12)
 
 
+@pytest.mark.x64  # float64 references
 def test_leak_per_carry_entry():
     core = rtrl_jax.from_linen(rtrl_jax.LeakyRNNCell(3, tau=2.0), 2)
     params, carry, xs = _setup(core)
