@@ -116,3 +116,23 @@ def test_errors():
         sketched_rtrl(gru, 1, append=0)
     with pytest.raises(ValueError, match=r"estimator 'sketched' cannot serve .*Estimators that can"):
         rtrl_jax.make_estimator("sketched", lambda params, carry, x: (carry, carry))
+
+
+def test_bound_saturates_instead_of_overflowing_in_float32():
+    # ‖D‖_2 ≈ 3.5 at every step (a non-normal recurrence whose state stays small): the bound grows
+    # like 3.5^t and would pass float32's largest value after ~70 steps.
+    def apply(params, h, x):
+        new = jnp.tanh(params["a"] @ h + params["b"] @ x)
+        return new, new
+
+    params = {
+        "a": jnp.array([[0.5, 3.0, 0.0], [0.0, 0.5, 3.0], [0.0, 0.0, 0.5]], jnp.float32),
+        "b": jnp.ones((3, 2), jnp.float32),
+    }
+    core = rtrl_jax.from_function(apply, params=params, carry=jnp.zeros(3, jnp.float32), input_shape=(2,))
+    xs = 1e-2 * jax.random.normal(jax.random.PRNGKey(1), (300, 2), jnp.float32)
+    for rank in (0, 1):
+        estimator = sketched_rtrl(core, rank)
+        _, trace, _ = jax.jit(lambda e=estimator: rtrl_jax.rollout(e, params, jnp.zeros(3, jnp.float32), xs))()
+        assert trace.bound.dtype == jnp.float32
+        assert float(trace.bound) == float(jnp.finfo(jnp.float32).max), rank

@@ -33,8 +33,11 @@ two truncations discarded, ``‖Δ_t‖_F ≤ η_t = τ_c + τ_r``, so
     ‖J_t − Ĵ_t‖_F ≤ e_t = ‖D_t‖_2 e_{t-1} + η_t,
 
 which the trace carries (``bound``; ``‖D_t‖_2`` is the largest singular value, ``O(S³)``, far
-tighter than the Frobenius norm for a dense cell). With ``r = 0`` the whole of ``N_t`` is dropped,
-``η_t = ‖N_t‖_F = tr(D̂_t K D̂_tᵀ)^{1/2}``: SnAp-1 itself, with a running bound on its error.
+tighter than the Frobenius norm for a dense cell). Where ``‖D_t‖_2 > 1`` the bound grows
+geometrically; it saturates at the dtype's largest finite value (still a bound), so a long run never
+holds an infinity in its trace (the trainer's non-finite guard would restart it). With ``r = 0``
+the whole of ``N_t`` is dropped, ``η_t = ‖N_t‖_F = tr(D̂_t K D̂_tᵀ)^{1/2}``: SnAp-1 itself, with a
+running bound on its error.
 
 **The rank knob.** ``r = 0`` is SnAp-1 exactly; ``r ≥ S`` (the carry size, the largest rank of
 ``J``; with ``c ≥ S``) keeps every direction and is exact RTRL. SK-RTRL is also exact for every
@@ -195,6 +198,11 @@ def sketch_truncate(
     return left, new_right, tau
 
 
+def _grown_bound(norm: jax.Array, bound: jax.Array, discarded: jax.Array) -> jax.Array:
+    """``e_t = ‖D_t‖_2 e_{t-1} + η_t``, saturating at the largest finite value of its dtype."""
+    return jnp.minimum(norm * bound + discarded, jnp.finfo(bound.dtype).max)
+
+
 def sketched_rtrl(core: Any, rank: int = 1, *, append: int | None = None) -> Estimator:
     """SK-RTRL: SnAp-1 plus a rank-``rank`` factorisation of the rest of the influence, with a bound.
 
@@ -249,7 +257,9 @@ def sketched_rtrl(core: Any, rank: int = 1, *, append: int | None = None) -> Est
             return (
                 new_carry,
                 out,
-                trace._replace(snap=snap_trace, bound=_spectral_norm(dynamics, ()) * trace.bound + eta),
+                trace._replace(
+                    snap=snap_trace, bound=_grown_bound(_spectral_norm(dynamics, ()), trace.bound, eta)
+                ),
             )
         if c >= size:  # no pre-projection: N_t = D̂ S_{t-1} as it is
             left_new, tau_c = off, jnp.zeros((), dtype)
@@ -258,7 +268,7 @@ def sketched_rtrl(core: Any, rank: int = 1, *, append: int | None = None) -> Est
             left_new, tau_c = _top_directions(off, gram, c)
             y = jax.vmap(lambda w: _contract(pattern, values, w))((off.T @ left_new).T)
         left, right, tau_r = sketch_truncate(dynamics @ trace.left, trace.right, left_new, y, r)
-        bound = _spectral_norm(dynamics, (left, right)) * trace.bound + tau_c + tau_r
+        bound = _grown_bound(_spectral_norm(dynamics, (left, right)), trace.bound, tau_c + tau_r)
         return new_carry, out, SketchedState(snap_trace, left, right, bound)
 
     def grad(trace, params, carry_bar):
