@@ -39,7 +39,7 @@ def test_kernel_recovers_per_unit_decay_rates_and_then_is_exact():
     params = {"u": jax.random.normal(jax.random.PRNGKey(0), (3, 2)), "b": jnp.full(3, 0.1)}
     carry = jnp.zeros(3)
     xs = jax.random.normal(jax.random.PRNGKey(1), (4000, 2))
-    estimator = kernl(core, learning_rate=0.02, initial_decay_rate=1.0)
+    estimator = kernl(core, kernel_learning_rate=0.02, initial_decay_rate=1.0)
     wrong = jnp.eye(3) + 0.2 * jax.random.normal(jax.random.PRNGKey(2), (3, 3))
 
     def init(params, carry, *, key=None):
@@ -73,7 +73,7 @@ def test_frozen_identity_sensitivity_is_rflo():
     params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
     carry = jax.tree.map(lambda c: c + 0.3, carry)
     xs = jax.random.normal(jax.random.PRNGKey(1), (6, 2), jnp.float64)
-    frozen = kernl(core, learning_rate=0.0, initial_decay_rate=0.7)
+    frozen = kernl(core, kernel_learning_rate=0.0, initial_decay_rate=0.7)
     leaky = rtrl_jax.rflo(core, float(np.exp(-0.7)))
 
     @jit
@@ -109,7 +109,10 @@ def test_learning_the_kernel_aligns_the_gradient_with_rtrl():
         )
 
     exact = rtrl_jax.rtrl(core)
-    frozen_kernl, learning_kernl = kernl(core, learning_rate=0.0), kernl(core, learning_rate=1e-3)
+    frozen_kernl, learning_kernl = (
+        kernl(core, kernel_learning_rate=0.0),
+        kernl(core, kernel_learning_rate=1e-3),
+    )
 
     @jit
     def run(key):
@@ -148,7 +151,7 @@ def test_kernel_update_is_sgd_on_the_prediction_loss():
 
 def test_options_and_key():
     core = _diagonal_core()
-    for bad in ({"learning_rate": -1.0}, {"noise_scale": 0.0}, {"initial_decay_rate": -0.5}):
+    for bad in ({"kernel_learning_rate": -1.0}, {"noise_scale": 0.0}, {"initial_decay_rate": -0.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             kernl(core, **bad)
     info = rtrl_jax.get_estimator_info("kernl")
@@ -167,7 +170,7 @@ def test_options_and_key():
 @pytest.mark.slow
 def test_trainer_learns_add_task_with_kernl():
     core = rtrl_jax.from_linen(rtrl_jax.LeakyRNNCell(16, tau=2.0), 2)
-    estimator = kernl(core, learning_rate=1e-3, noise_scale=1e-2)
+    estimator = kernl(core, kernel_learning_rate=1e-3, noise_scale=1e-2)
     learned = add_task_loss(core, estimator)
     readout = add_task_loss(core, estimator, readout_only=True)
     no_memory = add_task_baselines()["no_memory"]

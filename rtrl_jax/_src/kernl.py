@@ -147,7 +147,7 @@ def kernel_update(
 def kernl(
     core: Any,
     *,
-    learning_rate: float = 1e-3,
+    kernel_learning_rate: float = 1e-3,
     noise_scale: float = 1e-3,
     initial_decay_rate: float = 1.0,
     num_probes: int = 3,
@@ -157,7 +157,8 @@ def kernl(
 
     Args:
       core: an :class:`~rtrl_jax.Core` (its specs give the pattern of ``I``, as for RFLO).
-      learning_rate: ``η``, the SGD learning rate of ``β`` and ``γ`` (``0`` freezes them).
+      kernel_learning_rate: ``η``, the SGD learning rate of ``β`` and ``γ`` (``0`` freezes them;
+        named apart from the model's learning rate, which configs and benchmarks also set).
       noise_scale: ``σ``, the standard deviation of the perturbation added to the shadow per step
         (small, so that the shadow's offset is the linear response; large enough to stand out of
         the rounding of ``h̃ - h`` in the trace's dtype).
@@ -171,13 +172,13 @@ def kernl(
 
     Example:
       >>> core = from_linen(LeakyRNNCell(16, tau=2.0), input_size=2)
-      >>> est = kernl(core, learning_rate=1e-3)
+      >>> est = kernl(core, kernel_learning_rate=1e-3)
       >>> trace = est.init(params, carry)
       >>> carry, out, trace = est.step(trace, params, carry, x, key=key)   # learns β, γ too
       >>> grads = est.grad(trace, params, carry_bar)    # (βᵀ carry_bar) · E_t
     """
-    if not float(learning_rate) >= 0:
-        raise ValueError(f"kernl's learning_rate must be >= 0, got {learning_rate!r}.")
+    if not float(kernel_learning_rate) >= 0:
+        raise ValueError(f"kernl's kernel_learning_rate must be >= 0, got {kernel_learning_rate!r}.")
     if not float(noise_scale) > 0:
         raise ValueError(f"kernl's noise_scale must be > 0, got {noise_scale!r}.")
     if not float(initial_decay_rate) >= 0:
@@ -224,7 +225,7 @@ def kernl(
             trace.noise_trace_grad,
             noise,
             response,
-            learning_rate,
+            kernel_learning_rate,
         )
         new_trace = KeRNLState(
             eligibility=new_eligibility.values,
@@ -250,5 +251,5 @@ register(
     summary="KeRNL: RFLO-shaped trace times a sensitivity matrix, per-unit kernel learned by perturbation",
     needs_key=True,
     unsupported_reason=snap_unsupported_reason,
-    example_options={"learning_rate": 1e-2, "noise_scale": 1e-2},
+    example_options={"kernel_learning_rate": 1e-2, "noise_scale": 1e-2},
 )
