@@ -30,6 +30,7 @@ from rtrl_jax._src.kernl import KeRNLState, kernl
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
 from rtrl_jax._src.layers import NNXOnlineRNN, OnlineRNN, OnlineState, StackedCell
+from rtrl_jax._src.memory import available_memory, parse_bytes, trace_bytes
 from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step, rollout
 from rtrl_jax._src.registry import (
@@ -69,7 +70,7 @@ from rtrl_jax._src.snap import (
     sparsity_patterns,
 )
 from rtrl_jax._src.spiking import ALIFCell, ALIFState, LIFCell, LIFState
-from rtrl_jax._src.tasks import Stream, Task, add_task, copy_task, sample_batch
+from rtrl_jax._src.tasks import Source, Stream, Task, add_task, copy_task, sample_batch, task_source
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
 from rtrl_jax._src.train_state import RecurrentTrainState
 from rtrl_jax._src.trainer import (
@@ -122,6 +123,7 @@ __all__ = [
     "SketchedState",
     "SnapLayout",
     "SnapState",
+    "Source",
     "SparseGRUCell",
     "SparseRNNCell",
     "SparsityPatterns",
@@ -132,6 +134,7 @@ __all__ = [
     "Task",
     "UOROState",
     "add_task",
+    "available_memory",
     "batch_sharding",
     "bptt_value_and_grad",
     "carry_cotangent",
@@ -169,6 +172,7 @@ __all__ = [
     "ok_reduce",
     "online_grad",
     "online_step",
+    "parse_bytes",
     "per_device_bytes",
     "random_mask",
     "register",
@@ -191,7 +195,9 @@ __all__ = [
     "snap_mask_from_patterns",
     "softmax_cross_entropy",
     "sparsity_patterns",
+    "task_source",
     "tbptt",
+    "trace_bytes",
     "trace_param_axes",
     "trace_sharding",
     "train_model_online",

@@ -54,6 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         f" batch={config.train.batch_size} -> {out_dir}{' (resume)' if args.resume else ''}",
         flush=True,
     )
+    print(built.memory.describe(), flush=True)
     with tqdm(total=config.train.steps, unit="step", disable=args.quiet, file=sys.stderr) as bar:
 
         def on_chunk(steps_done, info):
@@ -115,7 +116,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtrl-jax", description=__doc__.split("\n\n")[0])
+    description = __doc__.split("\n\n")[0].replace(":mod:", "").replace("`", "")
+    parser = argparse.ArgumentParser(prog="rtrl-jax", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run an online training job")
     train.add_argument("config", nargs="?", help="a YAML config (default: the embedded one)")

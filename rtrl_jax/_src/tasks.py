@@ -5,10 +5,16 @@ axes batch, time). Targets are probability vectors over ``num_classes`` (one-hot
 and the step loss is the cross-entropy of the readout's softmax against them, weighted by ``mask``.
 ``reset`` marks the first step of an episode: the trainer resets the carry and the trace before it.
 Streams are deterministic given the key.
+
+A :class:`Source` produces a batch of streams chunk by chunk, so a run's memory does not grow with
+its number of steps: :func:`task_source` draws any window of a task's streams on its own
+(:attr:`Task.window`), and the trainer also takes a plain Python iterable of chunks (data from a
+simulator, a sensor, an environment).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -42,6 +48,12 @@ class Task(NamedTuple):
       num_classes: size of the target distribution.
       sample: ``(key, num_steps) -> Stream`` for one stream.
       hard_targets: whether targets are one-hot (so accuracy is meaningful).
+      window: ``(key, start, num_steps) -> Stream``, steps ``start .. start + num_steps - 1`` of
+        one stream of the key, drawn on their own (``start`` may be traced, ``num_steps`` is
+        static), or ``None``. Every step's randomness comes from the key folded with the step (or
+        episode) index, so consecutive windows join into one stream whatever their lengths. The
+        shipped tasks draw ``window`` and ``sample`` from the key in different ways (same
+        distribution, other samples), except the char task, whose two agree.
     """
 
     name: str
@@ -49,6 +61,7 @@ class Task(NamedTuple):
     num_classes: int
     sample: Callable[[jax.Array, int], Stream]
     hard_targets: bool
+    window: Callable[[jax.Array, jax.Array, int], Stream] | None = None
 
 
 def sample_batch(task: Task, key: jax.Array, num_steps: int, batch_size: int) -> Stream:
@@ -60,6 +73,65 @@ def sample_batch(task: Task, key: jax.Array, num_steps: int, batch_size: int) ->
     _check_positive("num_steps", num_steps)
     _check_positive("batch_size", batch_size)
     return jax.vmap(lambda k: task.sample(k, num_steps))(jax.random.split(key, batch_size))
+
+
+class Source(NamedTuple):
+    """A batch of streams produced chunk by chunk (memory independent of the number of steps).
+
+    Attributes:
+      chunk: ``(start, num_steps) -> Stream``, steps ``start .. start + num_steps - 1`` of every
+        stream (leading axes batch, time). Random access: the same window always gives the same
+        chunk, so a resumed run continues exactly.
+      batch_size: the number of streams.
+      num_steps: the length of the streams, or ``None`` for unbounded ones.
+    """
+
+    chunk: Callable[[int, int], Stream]
+    batch_size: int
+    num_steps: int | None = None
+
+
+def task_source(task: Task, key: jax.Array, batch_size: int, num_steps: int | None = None) -> Source:
+    """``batch_size`` independent streams of ``task``, drawn chunk by chunk from ``task.window``.
+
+    Args:
+      task: a task with a ``window`` (the shipped tasks have one).
+      key: the random key; stream ``b`` is the stream of ``jax.random.split(key, batch_size)[b]``.
+      batch_size: the number of streams.
+      num_steps: the length of the streams, or ``None`` for unbounded streams.
+
+    Returns:
+      A :class:`Source`; each chunk is one jitted call (one compilation per chunk length).
+
+    Raises:
+      ValueError: the task has no ``window``, or a count is not a positive integer.
+
+    Example::
+
+        source = task_source(add_task(), jax.random.PRNGKey(0), batch_size=8)
+        first = source.chunk(0, 500)  # steps 0..499 of 8 streams
+    """
+    if task.window is None:
+        raise ValueError(
+            f"task {task.name!r} has no window (key, start, num_steps) -> Stream to draw chunks from;"
+            " give Task(..., window=...) or pass the trainer an iterable of chunks."
+        )
+    _check_positive("batch_size", batch_size)
+    if num_steps is not None:
+        _check_positive("num_steps", num_steps)
+    keys = jax.random.split(key, batch_size)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def draw(start, length):
+        return jax.vmap(lambda k: task.window(k, start, length))(keys)
+
+    def chunk(start: int, length: int) -> Stream:
+        _check_positive("chunk length", length)
+        if isinstance(start, bool) or not isinstance(start, int | np.integer) or start < 0:
+            raise ValueError(f"chunk start must be a non-negative integer, got {start!r}.")
+        return draw(jnp.asarray(start, jnp.int32), int(length))
+
+    return Source(chunk, batch_size, num_steps)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -111,7 +183,20 @@ def copy_task(length: int = 5, num_symbols: int = 2) -> Task:
         flat = Stream(inputs, targets, mask, reset)
         return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:num_steps], flat)
 
-    return Task(f"copy(length={length})", num_symbols + 1, num_symbols, sample, True)
+    def window_step(key, step):
+        episode_index, phase = jnp.divmod(step, episode)
+        symbols = jax.random.randint(jax.random.fold_in(key, episode_index), (length,), 0, num_symbols)
+        shown = jnp.where(phase == length, num_symbols, symbols[jnp.minimum(phase, length - 1)])
+        inputs = jax.nn.one_hot(shown, num_symbols + 1, dtype=jnp.float32) * (phase <= length)
+        recall = phase > length
+        recalled = symbols[jnp.clip(phase - length - 1, 0, length - 1)]
+        targets = jax.nn.one_hot(recalled, num_symbols, dtype=jnp.float32) * recall
+        return Stream(inputs, targets, recall.astype(jnp.float32), phase == 0)
+
+    def window(key, start, num_steps):
+        return jax.vmap(window_step, in_axes=(None, 0))(key, start + jnp.arange(num_steps))
+
+    return Task(f"copy(length={length})", num_symbols + 1, num_symbols, sample, True, window)
 
 
 def add_task(t1: int = 5, t2: int = 9) -> Task:
@@ -142,7 +227,22 @@ def add_task(t1: int = 5, t2: int = 9) -> Task:
             reset=jnp.zeros((num_steps,), bool).at[0].set(True),
         )
 
-    return Task(f"add(t1={t1},t2={t2})", 2, 2, sample, False)
+    def coin(key, step):
+        return jnp.where(step >= 0, jax.random.bernoulli(jax.random.fold_in(key, step), 0.5), False)
+
+    def window(key, start, num_steps):
+        steps = start + jnp.arange(num_steps)
+        x, x1, x2 = (jax.vmap(coin, in_axes=(None, 0))(key, steps - lag) for lag in (0, t1, t2))
+        x, x1, x2 = (a.astype(jnp.float32) for a in (x, x1, x2))
+        y = 0.5 + 0.5 * x1 - 0.25 * x2
+        return Stream(
+            inputs=jnp.stack([x, 1.0 - x], axis=-1),
+            targets=jnp.stack([y, 1.0 - y], axis=-1),
+            mask=jnp.ones((num_steps,), jnp.float32),
+            reset=steps == 0,
+        )
+
+    return Task(f"add(t1={t1},t2={t2})", 2, 2, sample, False, window)
 
 
 def add_task_baselines(t1: int = 5, t2: int = 9) -> dict[str, float]:

@@ -135,7 +135,8 @@ def char_task(
     starts at a random position of the text (drawn from the key) and reads on, wrapping to the start
     at the end of the text, where the carry and trace are reset. Inputs are one-hot characters,
     targets the one-hot next character; every step has a loss. The uniform-prediction baseline is
-    ``log(vocab size)`` nats per character.
+    ``log(vocab size)`` nats per character. The text is held once as character ids and every chunk
+    of a stream reads its positions from them (:func:`~rtrl_jax._src.tasks.task_source`).
 
     Args:
       path: a text file (checked by :func:`load_text`; at least 2 characters).
@@ -152,17 +153,22 @@ def char_task(
     """
     text = load_text(path, encoding=encoding, max_chars=max_chars, min_chars=2)
     vocab = vocabulary(text)
-    ids = jnp.asarray(vocab.encode(text))
     size = len(vocab.chars)
+    # one id per character (1 byte for vocabularies up to 256): the stream reads it by position.
+    ids = jnp.asarray(vocab.encode(text).astype(np.uint8 if size <= 256 else np.int32))
     # positions 0 .. n-2 have a next character; a stream cycles through them.
     cycle = ids.shape[0] - 1
 
-    def sample(key, num_steps):
-        start = jax.random.randint(key, (), 0, cycle)
-        position = (start + jnp.arange(num_steps)) % cycle
+    def window(key, start, num_steps):
+        offset = jax.random.randint(key, (), 0, cycle)
+        steps = start + jnp.arange(num_steps)
+        position = (offset + steps) % cycle
         inputs = jax.nn.one_hot(ids[position], size, dtype=jnp.float32)
         targets = jax.nn.one_hot(ids[position + 1], size, dtype=jnp.float32)
-        reset = (position == 0).at[0].set(True)
+        reset = (position == 0) | (steps == 0)
         return Stream(inputs, targets, jnp.ones((num_steps,), jnp.float32), reset)
 
-    return Task(f"char({Path(path).name})", size, size, sample, True)
+    def sample(key, num_steps):
+        return window(key, 0, num_steps)
+
+    return Task(f"char({Path(path).name})", size, size, sample, True, window)

@@ -31,7 +31,7 @@ quantities found are in ``StepMetrics.nonfinite`` (bit flags, :func:`nonfinite_n
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -43,7 +43,7 @@ import optax
 from rtrl_jax._src.base import Estimator, Params
 from rtrl_jax._src.cores import Core
 from rtrl_jax._src.online import online_grad
-from rtrl_jax._src.tasks import Stream
+from rtrl_jax._src.tasks import Source, Stream
 
 NONFINITE_POLICIES = ("skip", "stop", "ignore")
 """What a step with a non-finite value does: see :func:`make_train_step`."""
@@ -322,7 +322,7 @@ def _step_metrics(loss, mask, correct, grads, flags) -> StepMetrics:
         loss=jnp.sum(loss),
         weight=jnp.sum(mask),
         correct=jnp.sum(correct),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         nonfinite=flags,
     )
 
@@ -537,11 +537,17 @@ def _train_chunk(make_step: Callable, arguments: tuple, options: tuple) -> Calla
 _cached_train_chunk = functools.lru_cache(maxsize=64)(_train_chunk)
 
 
+Data = Stream | Source | Iterable
+"""What the trainers take: a materialised :class:`Stream` (axes batch, time), a :class:`Source`
+drawn chunk by chunk, or an iterable of chunks, each a :class:`Stream` or an
+``(inputs, targets, reset[, mask])`` tuple with axes (batch, time, ...)."""
+
+
 def train_online(
     core: Core,
     estimator: Estimator,
     optimizer: optax.GradientTransformation,
-    stream: Stream,
+    stream: Data,
     state: OnlineTrainState,
     *,
     head: Head | None = None,
@@ -549,16 +555,33 @@ def train_online(
     chunk_size: int = 500,
     callback: Callable[[OnlineTrainState, StepMetrics], None] | None = None,
     nonfinite: str = "skip",
+    num_steps: int | None = None,
+    keep_metrics: bool = True,
 ) -> tuple[OnlineTrainState, StepMetrics]:
-    """Trains online over ``stream`` (leading axes batch, time), from ``state.step`` to its end.
+    """Trains online over ``stream`` from ``state.step`` to its end (or to ``num_steps``).
 
-    The stream is consumed in jitted chunks of ``chunk_size`` steps (the last chunk may be shorter);
+    The data is consumed in jitted chunks of ``chunk_size`` steps (the last chunk may be shorter);
     ``callback(state, chunk_metrics)`` runs on the host after each chunk (progress bars,
-    checkpoints). Starting from a state part-way through (``state.step > 0``) resumes the run; with
-    the same ``chunk_size`` and a start at a chunk end the result is bitwise that of one long run.
+    checkpoints). Starting from a state part-way through (``state.step > 0``) resumes the run: a
+    :class:`Stream` or :class:`Source` continues at step ``state.step``; an iterable is read
+    from where it stands (it is the caller's to position). With the same ``chunk_size`` and a
+    start at a chunk end the result is bitwise that of one long run.
 
     Args:
+      core, estimator, optimizer: what is trained, and how.
+      stream: a :class:`Stream` with leading axes (batch, time), a :class:`Source`
+        (:func:`~rtrl_jax.task_source`), or an iterable of chunks (:data:`Data`); each chunk of an
+        iterable is one jitted call, so chunks of one length compile once.
+      state: an :class:`OnlineTrainState` (:func:`init_train_state`).
+      head: the readout (default :func:`linear_head`).
+      loss_fn: ``(logits, targets) -> scalar`` loss of one step of one stream.
+      chunk_size: steps per jitted chunk of a :class:`Stream` or :class:`Source`.
+      callback: ``callback(state, chunk_metrics)`` after each chunk.
       nonfinite: the policy for non-finite values (see :func:`make_train_step`).
+      num_steps: the step to stop at (default: the end of the stream or source; an unbounded
+        source or iterable runs until the iterable ends).
+      keep_metrics: return the metrics of every step (memory grows with the steps); ``False``
+        returns empty metrics, the callback still seeing every chunk's.
 
     Returns:
       ``(final state, per-step metrics)`` with metrics as NumPy arrays over the steps taken.
@@ -566,47 +589,76 @@ def train_online(
     Raises:
       NonFiniteError: under ``nonfinite="stop"``, after the callback of the chunk with the bad step.
     """
-    if stream.inputs.ndim < 3:
-        raise ValueError(
-            f"stream inputs must have axes (batch, time, features), got shape {stream.inputs.shape};"
-            " use tasks.sample_batch for a batch of streams."
-        )
     _check_policy(nonfinite)
     dtype = jnp.result_type(*jax.tree.leaves(state.params))
-    stream = stream._replace(inputs=stream.inputs.astype(dtype), targets=stream.targets.astype(dtype))
+
+    def cast(chunk: Stream) -> Stream:
+        if chunk.inputs.ndim < 3:
+            raise ValueError(
+                f"stream inputs must have axes (batch, time, features), got shape {chunk.inputs.shape};"
+                " use tasks.sample_batch or tasks.task_source for a batch of streams."
+            )
+        return chunk._replace(inputs=chunk.inputs.astype(dtype), targets=chunk.targets.astype(dtype))
+
+    _check_head(core, head or _LINEAR_HEAD, state.params)
     train_chunk = make_train_chunk(
         core, estimator, optimizer, head=head, loss_fn=loss_fn, nonfinite=nonfinite
     )
     batch_size = jax.tree.leaves(state.carry)[0].shape[0]
-    return _run_chunks(train_chunk, stream, state, batch_size, chunk_size, callback, nonfinite)
+    limits = _Limits(batch_size, chunk_size, num_steps, keep_metrics)
+    return _run_chunks(train_chunk, stream, cast, state, limits, callback, nonfinite)
+
+
+def _check_head(core: Core, head: Head, params: Params) -> None:
+    """Raises a ``ValueError`` naming both sizes when the head cannot read the core's output."""
+    out = jax.ShapeDtypeStruct(tuple(core.output_shape), jnp.result_type(*jax.tree.leaves(params["core"])))
+    try:
+        jax.eval_shape(head.apply, params["head"], out)
+    except (TypeError, ValueError) as error:
+        shapes = jax.tree.map(jnp.shape, params["head"])
+        raise ValueError(
+            f"the head cannot read the core's output of shape {tuple(core.output_shape)}: head parameters"
+            f" {shapes} ({_first_line(error)}); build the head for {core.output_shape[-1]} inputs,"
+            " e.g. linear_head().init(key, core.output_shape[-1], num_classes)."
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def train_model_online(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
-    stream: Stream,
+    stream: Data,
     state: ModelTrainState,
     *,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
     chunk_size: int = 500,
     callback: Callable[[ModelTrainState, StepMetrics], None] | None = None,
     nonfinite: str = "skip",
+    num_steps: int | None = None,
+    keep_metrics: bool = True,
 ) -> tuple[ModelTrainState, StepMetrics]:
-    """Trains a whole Flax model online over ``stream`` (leading axes batch, time), as :func:`train_online`.
+    """Trains a whole Flax model online over ``stream``, as :func:`train_online`.
 
-    Chunks, callbacks, resuming from ``state.step`` and the non-finite policy are those of
-    :func:`train_online`; each step is :func:`make_model_train_step`. Floating inputs and targets
-    are cast to the parameters' dtype; integer ones (tokens for ``nn.Embed``, labels) are kept.
+    Chunks, data (a :class:`Stream`, a :class:`Source` or an iterable of chunks), callbacks,
+    resuming from ``state.step`` and the non-finite policy are those of :func:`train_online`; each
+    step is :func:`make_model_train_step`. Floating inputs and targets are cast to the parameters'
+    dtype; integer ones (tokens for ``nn.Embed``, labels) are kept.
 
     Args:
       model: a linen module ``model(x, reset) -> outputs`` with online recurrent layers.
       optimizer: the Optax transformation the state was made with.
-      stream: a :class:`Stream` with leading axes (batch, time).
+      stream: the data (:data:`Data`), leading axes (batch, time).
       state: a :class:`ModelTrainState` (:func:`init_model_train_state`).
       loss_fn: ``(output, target) -> scalar`` loss of one step of one stream.
       chunk_size: steps per jitted chunk.
       callback: ``callback(state, chunk_metrics)`` after each chunk.
       nonfinite: the policy for non-finite values.
+      num_steps: the step to stop at (default: the end of the data).
+      keep_metrics: return the metrics of every step (``False``: empty metrics).
 
     Returns:
       ``(final state, per-step metrics)`` with metrics as NumPy arrays over the steps taken.
@@ -620,39 +672,107 @@ def train_model_online(
         state = init_model_train_state(tx, variables, batch_size=4, key=key)
         state, metrics = train_model_online(model, tx, stream, state)
     """
-    if stream.reset.ndim != 2:
-        raise ValueError(
-            f"stream resets must have axes (batch, time), got shape {stream.reset.shape};"
-            " use tasks.sample_batch for a batch of streams."
-        )
     _check_policy(nonfinite)
     dtype = jnp.result_type(*jax.tree.leaves(state.params))
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a  # noqa: E731
-    stream = stream._replace(inputs=cast(stream.inputs), targets=cast(stream.targets))
+
+    def cast(chunk: Stream) -> Stream:
+        if chunk.reset.ndim != 2:
+            raise ValueError(
+                f"stream resets must have axes (batch, time), got shape {chunk.reset.shape};"
+                " use tasks.sample_batch or tasks.task_source for a batch of streams."
+            )
+        floating = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a  # noqa: E731
+        return chunk._replace(inputs=floating(chunk.inputs), targets=floating(chunk.targets))
+
     train_chunk = make_model_train_chunk(model, optimizer, loss_fn=loss_fn, nonfinite=nonfinite)
-    return _run_chunks(train_chunk, stream, state, state.restart.shape[0], chunk_size, callback, nonfinite)
+    limits = _Limits(state.restart.shape[0], chunk_size, num_steps, keep_metrics)
+    return _run_chunks(train_chunk, stream, cast, state, limits, callback, nonfinite)
 
 
-def _run_chunks(train_chunk, stream, state, batch_size, chunk_size, callback, nonfinite):
-    """Runs ``train_chunk`` over ``stream`` from ``state.step`` in chunks of ``chunk_size`` steps."""
-    num_steps = stream.reset.shape[1]
-    if num_steps == 0:
-        raise ValueError("the stream is empty (0 steps).")
-    if stream.reset.shape[0] != batch_size:
-        raise ValueError(f"the stream has {stream.reset.shape[0]} streams but the state holds {batch_size}.")
+class _Limits(NamedTuple):
+    batch_size: int
+    chunk_size: int
+    num_steps: int | None
+    keep_metrics: bool
+
+
+def as_stream(chunk: Any) -> Stream:
+    """A chunk of data as a :class:`Stream`: a ``Stream``, or ``(inputs, targets, reset[, mask])``.
+
+    A missing ``mask`` weights every step 1.
+
+    Raises:
+      ValueError: anything else (the message names what was given).
+    """
+    if isinstance(chunk, Stream):
+        return chunk
+    if isinstance(chunk, tuple | list) and len(chunk) in (3, 4):
+        inputs, targets, reset = (jnp.asarray(a) for a in chunk[:3])
+        mask = jnp.asarray(chunk[3]) if len(chunk) == 4 else jnp.ones(reset.shape, jnp.float32)
+        return Stream(inputs, targets, mask, reset.astype(bool))
+    raise ValueError(
+        "a chunk of data must be a Stream or an (inputs, targets, reset[, mask]) tuple with axes"
+        f" (batch, time, ...), got {type(chunk).__name__}"
+        + (f" of length {len(chunk)}" if isinstance(chunk, tuple | list) else "")
+        + "."
+    )
+
+
+def _chunks(data: Data, start: int, limits: _Limits) -> Iterator[Stream]:
+    """The chunks of ``data`` from step ``start`` on (a stream's or source's end, or ``num_steps``)."""
+    chunk_size, num_steps = limits.chunk_size, limits.num_steps
+    if isinstance(data, Stream) and data.reset.ndim < 2:
+        yield data  # not a batch: the trainer's check names the shape
+        return
+    if isinstance(data, Stream | Source):
+        length = data.reset.shape[1] if isinstance(data, Stream) else data.num_steps
+        if length is not None and length == 0:
+            raise ValueError("the stream is empty (0 steps).")
+        end = length if num_steps is None else num_steps if length is None else min(num_steps, length)
+        if end is None:
+            raise ValueError("the source is unbounded: give num_steps, the step to stop at.")
+        if start > end:
+            raise ValueError(f"the state is at step {start}, past the end of the {end}-step stream.")
+        for begin in range(start, end, chunk_size):
+            stop = min(begin + chunk_size, end)
+            if isinstance(data, Stream):
+                yield jax.tree.map(lambda a, b=begin, e=stop: a[:, b:e], data)
+            else:
+                yield data.chunk(begin, stop - begin)
+        return
+    if not isinstance(data, Iterable):
+        raise ValueError(
+            f"the data must be a Stream, a Source or an iterable of chunks, got {type(data).__name__}."
+        )
+    step = start
+    for item in data:
+        if num_steps is not None and step >= num_steps:
+            return
+        chunk = as_stream(item)
+        if num_steps is not None and step + chunk.reset.shape[1] > num_steps:
+            chunk = jax.tree.map(lambda a, n=num_steps - step: a[:, :n], chunk)
+        step += chunk.reset.shape[1]
+        yield chunk
+
+
+def _run_chunks(train_chunk, data, cast, state, limits: _Limits, callback, nonfinite):
+    """Runs ``train_chunk`` over the chunks of ``data`` from ``state.step``."""
+    chunk_size, batch_size = limits.chunk_size, limits.batch_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     collected = []
-    start = int(state.step)
-    if start > num_steps:
-        raise ValueError(f"the state is at step {start}, past the end of the {num_steps}-step stream.")
-    for begin in range(start, num_steps, chunk_size):
-        end = min(begin + chunk_size, num_steps)
-        chunk = jax.tree.map(lambda a, b=begin, e=end: a[:, b:e], stream)
+    for chunk in _chunks(data, int(state.step), limits):
+        chunk = cast(chunk)
+        if chunk.reset.shape[0] != batch_size:
+            raise ValueError(
+                f"the stream has {chunk.reset.shape[0]} streams but the state holds {batch_size}."
+            )
+        begin = int(state.step)
         state, metrics = train_chunk(state, chunk)
         taken = int(state.step) - begin
         metrics = StepMetrics(*(np.asarray(m)[:taken] for m in metrics))
-        collected.append(metrics)
+        if limits.keep_metrics:
+            collected.append(metrics)
         if callback is not None:
             callback(state, metrics)
         if nonfinite == "stop" and taken and metrics.nonfinite[-1] != 0:

@@ -10,8 +10,11 @@ learning benchmarks alike; :func:`build_model` makes the whole Flax model of a m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -23,8 +26,10 @@ from rtrl_jax._src import registry
 from rtrl_jax._src.base import Estimator
 from rtrl_jax._src.cores import Core, cast_floating, from_linen
 from rtrl_jax._src.layers import StackedCell, linen_online_core
+from rtrl_jax._src.memory import available_memory, format_bytes, parse_bytes, tree_bytes
+from rtrl_jax._src.registry import REQUIRED
 from rtrl_jax._src.rtrl import rtrl
-from rtrl_jax._src.tasks import Stream, Task, sample_batch
+from rtrl_jax._src.tasks import Source, Stream, Task, sample_batch, task_source
 from rtrl_jax._src.trainer import (
     Head,
     ModelTrainState,
@@ -65,10 +70,37 @@ def build_task(name: str, options: Mapping[str, Any], *, key: str = "task") -> T
     ``key`` is the spec key of the name; its options are ``<key>_options``.
     """
     check_name(key, name, list(TASKS), "task")
+    make = TASKS[name]
+    accepted = task_options(name)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(make).parameters.values()):
+        unknown = sorted(set(options) - set(accepted))
+        missing = sorted(o for o, default in accepted.items() if default is REQUIRED and o not in options)
+        listed = ", ".join(f"{o} (required)" if d is REQUIRED else f"{o}={d!r}" for o, d in accepted.items())
+        if unknown or missing:
+            problem = f"unknown option(s) {unknown}" if unknown else f"missing option(s) {missing}"
+            raise ConfigError(f"{key}_options: task {name!r}: {problem}; its options: {listed or 'none'}.")
     try:
-        return TASKS[name](**options)
+        return make(**options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{key}_options: {error}") from None
+
+
+def task_options(name: str) -> dict[str, Any]:
+    """The keyword options of the task ``name`` with their defaults (``REQUIRED`` for required ones)."""
+    parameters = inspect.signature(TASKS[name]).parameters.values()
+    return {
+        p.name: REQUIRED if p.default is inspect.Parameter.empty else p.default
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
+def absolute_paths(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``path`` option made absolute, so a run folder works from any directory."""
+    options = dict(options)
+    if isinstance(options.get("path"), str):
+        options["path"] = str(Path(options["path"]).expanduser().absolute())
+    return options
 
 
 def build_core(model: ModelConfig, input_size: int, *, key: str = "model.cell") -> Core:
@@ -167,6 +199,115 @@ class Layer(NamedTuple):
     output_size: int
 
 
+class MemoryEstimate(NamedTuple):
+    """The memory of a run, estimated from shapes before anything is allocated.
+
+    A jitted step holds the train state it reads, the state it writes and temporaries of about one
+    state more, so the peak of a step is estimated as three train states (within 2× of XLA's
+    ``memory_analysis()`` of the compiled step for the shipped estimators).
+
+    Attributes:
+      state_bytes: the train state (parameters, optimizer state, carries, traces, key).
+      trace_bytes: the traces in it (all streams, all layers).
+      peak_bytes: the estimated peak of a step, ``3 * state_bytes``.
+      budget_bytes: ``train.max_memory`` (or the memory available), ``None`` for no limit.
+    """
+
+    state_bytes: int
+    trace_bytes: int
+    peak_bytes: int
+    budget_bytes: int | None
+
+    def describe(self) -> str:
+        """One line: ``"memory: peak ~… (train state …, traces …); budget …"``."""
+        budget = "no limit" if self.budget_bytes is None else format_bytes(self.budget_bytes)
+        return (
+            f"memory: peak of a step ~{format_bytes(self.peak_bytes)} (train state"
+            f" {format_bytes(self.state_bytes)}, traces {format_bytes(self.trace_bytes)}); budget {budget}"
+        )
+
+
+PEAK_STATES = 3
+"""The peak of a step in train states: the one read, the one written, temporaries of about one."""
+
+
+def memory_budget(max_memory: str | int) -> int | None:
+    """The byte budget of ``train.max_memory``: a size (``8GiB``), ``""`` for the memory available
+    (:func:`~rtrl_jax.available_memory`, ``None`` if unknown) or ``none`` for no limit."""
+    if max_memory == "":
+        return available_memory()
+    if isinstance(max_memory, str) and max_memory.strip().lower() == "none":
+        return None
+    try:
+        return parse_bytes(max_memory)
+    except ValueError as error:
+        raise ConfigError(
+            f"train.max_memory: {error} Or '' (the memory available) or none (no limit)."
+        ) from None
+
+
+def _check_memory(
+    spec: RunConfig, make_state: Any, core: Core | None = None, params: Any = None
+) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of the state ``make_state()`` would build; refuses one over budget.
+
+    With ``core`` (and its abstract ``params``) the refusal names the estimators whose state fits.
+    """
+    abstract = jax.eval_shape(make_state)
+    state_bytes = tree_bytes(abstract)
+    traces = abstract.trace if hasattr(abstract, "trace") else _online_traces(abstract.online)
+    traces = tree_bytes(traces)
+    budget = memory_budget(spec.train.max_memory)
+    estimate = MemoryEstimate(state_bytes, traces, PEAK_STATES * state_bytes, budget)
+    if budget is None or estimate.peak_bytes <= budget:
+        return estimate
+    where = "train.max_memory" if spec.train.max_memory != "" else "the memory available (train.max_memory)"
+    message = (
+        f"train.max_memory: the run needs about {format_bytes(estimate.peak_bytes)} (peak of a step:"
+        f" {PEAK_STATES} train states of {format_bytes(state_bytes)}, traces {format_bytes(traces)} of them)"
+        f" but {where} is {format_bytes(budget)}."
+    )
+    if core is not None:
+        fitting = _fitting_estimators(core, params, spec.train.batch_size, state_bytes - traces, budget)
+        message += f" Estimators that would fit: {', '.join(fitting) or 'none'}."
+    message += " Lower model.hidden or train.batch_size, or raise train.max_memory (none: no limit)."
+    raise ConfigError(message)
+
+
+def _online_traces(online: Any) -> Any:
+    return [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(online)
+        if any(getattr(entry, "key", None) == "trace" for entry in path)
+    ]
+
+
+def _fitting_estimators(core: Core, params: Any, batch_size: int, other_bytes: int, budget: int) -> list[str]:
+    """The registered estimators (with their example options) whose run on ``core`` fits ``budget``.
+
+    Each is built and sized inside ``jax.eval_shape``, so nothing is allocated; one whose
+    construction needs concrete values (a probed sparsity pattern) cannot be sized and is left out.
+    """
+    carry = jax.eval_shape(lambda: core.initial_carry(jax.tree.leaves(params)[0].dtype))
+    fitting = []
+    for info in registry.registered():
+        if info.unsupported_reason(core) is not None:
+            continue
+
+        def size(p, c, info=info):
+            estimator = registry.make_estimator(info.name, core, **info.example_options)
+            return estimator.init(p, c, key=jax.random.PRNGKey(0))
+
+        try:
+            traces = batch_size * tree_bytes(jax.eval_shape(size, params, carry))
+        except Exception:  # noqa: BLE001 - an estimator that cannot be sized abstractly is not offered
+            continue
+        peak = PEAK_STATES * (other_bytes + traces)
+        if peak <= budget:
+            fitting.append(f"{info.name} (~{format_bytes(peak)})")
+    return fitting
+
+
 class Experiment(NamedTuple):
     """Everything a :class:`RunConfig` describes, built.
 
@@ -183,10 +324,12 @@ class Experiment(NamedTuple):
       estimator: the estimator, or ``None``.
       optimizer: the Optax optimizer.
       head: the readout, or ``None``.
-      stream: the whole training stream, ``(batch, steps)``.
+      data: the training streams, ``train.batch_size`` of ``train.steps`` steps, drawn chunk by
+        chunk (:func:`~rtrl_jax.task_source`).
       state: the initial train state.
       model: the whole Flax model, or ``None``.
       layers: its recurrent layers, bottom first.
+      memory: the :class:`MemoryEstimate` checked before the state was allocated.
     """
 
     spec: RunConfig
@@ -195,10 +338,11 @@ class Experiment(NamedTuple):
     estimator: Estimator | None
     optimizer: optax.GradientTransformation
     head: Head | None
-    stream: Stream
+    data: Source
     state: OnlineTrainState | ModelTrainState
     model: OnlineStack | None = None
     layers: tuple[Layer, ...] = ()
+    memory: MemoryEstimate | None = None
 
 
 class CompareJob(NamedTuple):
@@ -387,17 +531,35 @@ def _build_model_run(spec: RunConfig, task: Task, dtype: Any) -> Experiment:
     optimizer = build_optimizer(train.optimizer, train.learning_rate, update_every=train.update_every)
     key_model, _, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
     x0 = jnp.zeros((train.batch_size, task.input_size), jnp.float32)
-    variables = model.init(key_model, x0, jnp.zeros((train.batch_size,), bool))
-    variables = cast_floating(variables, dtype)
-    stream = sample_batch(task, key_data, train.steps, train.batch_size)
-    state = init_model_train_state(optimizer, variables, batch_size=train.batch_size, key=key_state)
-    return Experiment(spec, task, None, None, optimizer, None, stream, state, model, layers)
+
+    def make_state():
+        variables = model.init(key_model, x0, jnp.zeros((train.batch_size,), bool))
+        variables = cast_floating(variables, dtype)
+        return init_model_train_state(optimizer, variables, batch_size=train.batch_size, key=key_state)
+
+    memory = _check_memory(spec, make_state)
+    state = make_state()
+    data = _task_source(task, key_data, train)
+    return Experiment(spec, task, None, None, optimizer, None, data, state, model, layers, memory)
+
+
+def _task_source(task: Task, key: jax.Array, train: Any) -> Source:
+    """The run's streams of ``task``, drawn chunk by chunk (memory independent of ``train.steps``).
+
+    A task without a ``window`` is sampled whole (memory grows with ``train.steps``).
+    """
+    if task.window is not None:
+        return task_source(task, key, train.batch_size, train.steps)
+    stream = sample_batch(task, key, train.steps, train.batch_size)
+    chunk = lambda start, length: jax.tree.map(lambda a: a[:, start : start + length], stream)  # noqa: E731
+    return Source(chunk, train.batch_size, train.steps)
 
 
 def _build_run(spec: RunConfig) -> Experiment:
     check_name("estimator", spec.estimator, _estimator_names(), "estimator")
     dtype = enable_dtype(spec.model.dtype)
     _check_train(spec)
+    spec = dataclasses.replace(spec, task_options=absolute_paths(spec.task_options))
     task = build_task(spec.task, spec.task_options)
     if not is_one_core(spec.model):
         return _build_model_run(spec, task, dtype)
@@ -406,13 +568,20 @@ def _build_run(spec: RunConfig) -> Experiment:
     train = spec.train
     optimizer = build_optimizer(train.optimizer, train.learning_rate, update_every=train.update_every)
     key_core, key_head, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
-    core_params, _ = core.init(key_core, dtype)
-    head, head_params = init_head(key_head, core, task.num_classes, dtype)
-    stream = sample_batch(task, key_data, train.steps, train.batch_size)
-    state = init_train_state(
-        core, estimator, optimizer, core_params, head_params, batch_size=train.batch_size, key=key_state
-    )
-    return Experiment(spec, task, core, estimator, optimizer, head, stream, state)
+    head = linear_head()
+
+    def make_state():
+        core_params, _ = core.init(key_core, dtype)
+        _, head_params = init_head(key_head, core, task.num_classes, dtype)
+        return init_train_state(
+            core, estimator, optimizer, core_params, head_params, batch_size=train.batch_size, key=key_state
+        )
+
+    params = jax.eval_shape(lambda: core.init(key_core, dtype)[0])
+    memory = _check_memory(spec, make_state, core, params)
+    state = make_state()
+    data = _task_source(task, key_data, train)
+    return Experiment(spec, task, core, estimator, optimizer, head, data, state, memory=memory)
 
 
 def _build_compare(spec: CompareConfig) -> CompareJob:

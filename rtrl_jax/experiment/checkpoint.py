@@ -31,6 +31,14 @@ def tree_checksum(tree: Any) -> str:
     return digest.hexdigest()
 
 
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message, cut to ``limit`` characters (storage errors can dump
+    whole specs)."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be used and an earlier one is tried."""
 
@@ -99,7 +107,7 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - any failure to read means: use an older one
                 warnings.warn(
                     f"checkpoint at step {step} in {str(self.directory)!r} is unusable "
-                    f"({type(error).__name__}: {error}); trying the previous one.",
+                    f"({type(error).__name__}: {_first_line(error)}); trying the previous one.",
                     CheckpointWarning,
                     stacklevel=2,
                 )

@@ -15,6 +15,7 @@ The run folder holds
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import math
 import signal
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 import yaml
 
+from rtrl_jax._src import registry
 from rtrl_jax._src.base import tree_size
 from rtrl_jax._src.trainer import (
     NonFiniteError,
@@ -192,11 +194,14 @@ def run_training(
       ``interrupted`` or ``stopped_nonfinite``.
 
     Raises:
-      RunError: a fresh run into a folder that already holds checkpoints.
+      RunError: ``out_dir`` is a file, a fresh run into a folder that already holds checkpoints, or
+        ``resume`` of a finished run whose last checkpoint is good (its summary is kept).
       ConfigError: a :class:`RunConfig` that does not build.
     """
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"run folder {str(out_dir)!r} is a file, not a folder; choose another --out.")
     if not resume and checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         raise RunError(
             f"run folder {str(out_dir)!r} already holds checkpoints; continue it with"
@@ -216,6 +221,9 @@ def run_training(
         if restored is not None:
             state, resumed_from = restored, int(restored.step)
     start = int(state.step)
+    if resume and start >= config.train.steps:
+        checkpointer.close()
+        _check_unfinished(out_dir)
     earlier = [row for row in read_metrics(out_dir) if row["step"] <= start]
     write_metrics(out_dir, earlier, fresh=True)
 
@@ -261,6 +269,7 @@ def run_training(
                     chunk_size=config.train.chunk_size,
                     callback=callback,
                     nonfinite=config.train.nonfinite,
+                    keep_metrics=False,
                 )
             checkpointer.save(state)
     except _Interrupted as interrupt:
@@ -285,22 +294,36 @@ def run_training(
     return summary
 
 
+def _check_unfinished(out_dir: Path) -> None:
+    """Refuses to resume a run at its end whose ``summary.json`` says it finished."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(summary, dict) and summary.get("status") == "finished":
+        raise RunError(
+            f"run {str(out_dir)!r} is finished ({summary.get('steps')} steps); there is nothing to"
+            " resume and its summary is kept. Start a new run with --out, or a longer one from its"
+            " config.yaml with train.steps=..."
+        )
+
+
 def train(experiment: Experiment, state: Any, **options: Any) -> tuple[Any, StepMetrics]:
-    """Trains ``experiment`` from ``state`` over its stream: its core and head
+    """Trains ``experiment`` from ``state`` over its data: its core and head
     (:func:`~rtrl_jax.train_online`) or its whole model (:func:`~rtrl_jax.train_model_online`).
 
     Args:
       experiment: a built :class:`Experiment`.
       state: its train state (``experiment.state`` or a restored one).
-      **options: ``chunk_size``, ``callback``, ``nonfinite`` of the trainer.
+      **options: ``chunk_size``, ``callback``, ``nonfinite``, ``keep_metrics`` of the trainer.
 
     Returns:
       ``(final state, per-step metrics)``.
     """
     if experiment.model is not None:
-        return train_model_online(experiment.model, experiment.optimizer, experiment.stream, state, **options)
+        return train_model_online(experiment.model, experiment.optimizer, experiment.data, state, **options)
     core, estimator, optimizer = experiment.core, experiment.estimator, experiment.optimizer
-    return train_online(core, estimator, optimizer, experiment.stream, state, head=experiment.head, **options)
+    return train_online(core, estimator, optimizer, experiment.data, state, head=experiment.head, **options)
 
 
 def _run_summary(
@@ -319,13 +342,46 @@ def _run_summary(
     }
 
 
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "rtrl_jax")
+"""The packages whose versions a summary records."""
+
+
+def versions() -> dict[str, str | None]:
+    """The installed versions of :data:`VERSIONED` (``None`` for one not installed)."""
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def used_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options estimator ``name`` ran with: ``options`` over the registry's defaults."""
+    defaults = registry.estimator_options(name)
+    used = {key: value for key, value in defaults.items() if value is not registry.REQUIRED}
+    return _plain({**used, **options})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data (tuples as lists, anything else unknown as its ``repr``)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
 def _describe(experiment: Experiment) -> dict[str, Any]:
-    """What ran where: estimator, cell, task, device, versions."""
+    """What ran where: estimator and the options it used, cell, task, device, versions."""
     spec = experiment.spec
     device = jax.devices()[0]
     described = {
         "estimator": spec.estimator,
-        "estimator_options": spec.estimator_options,
+        "estimator_options": used_options(spec.estimator, spec.estimator_options),
         "cell": spec.model.cell,
         "hidden": spec.model.hidden,
     }
@@ -334,12 +390,16 @@ def _describe(experiment: Experiment) -> dict[str, Any]:
     else:  # the recurrent layers' parameters, then every layer as built
         params = experiment.state.params
         described["num_params"] = sum(tree_size(params[f"rnn{i}"]) for i in range(len(experiment.layers)))
-        described["layers"] = [layer._asdict() for layer in experiment.layers]
+        described["layers"] = [
+            {**layer._asdict(), "options": used_options(layer.estimator, layer.options)}
+            for layer in experiment.layers
+        ]
     return {
         **described,
         "task": experiment.task.name,
         "device": f"{device.platform}:{device.device_kind}",
         "jax_version": jax.__version__,
+        "versions": versions(),
     }
 
 

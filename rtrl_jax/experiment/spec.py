@@ -7,7 +7,9 @@ used, by :func:`rtrl_jax.experiment.build`, which raises the same :class:`Config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +98,10 @@ class TrainConfig:
       nonfinite: what a step with a NaN or infinity in the loss, gradient, carry, trace or updated
         parameters does: ``skip`` (no update, carries and traces restarted, the run goes on),
         ``stop`` (the same, then the run stops) or ``ignore``.
+      max_memory: the memory a run may use, e.g. ``8GiB`` or ``512MB``; ``""`` (default): the
+        memory available on the device (on the CPU, ``MemAvailable`` of ``/proc/meminfo``);
+        ``none``: no limit. A run whose estimated peak exceeds it is refused before anything is
+        allocated or compiled, naming the estimators that would fit.
     """
 
     steps: int = 8000
@@ -108,6 +114,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     nonfinite: str = "skip"
+    max_memory: str | int = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +191,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}.")
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}.")
     if not isinstance(value, tp):

@@ -1,0 +1,112 @@
+"""Memory before allocation: trace bytes from shapes, the run's estimate, the budget refusal."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import rtrl_jax as rj
+from rtrl_jax._src import tasks
+from rtrl_jax._src.memory import format_bytes, tree_bytes
+from rtrl_jax._src.trainer import init_train_state, linear_head, make_train_step
+from rtrl_jax.cli import main
+from rtrl_jax.experiment import ConfigError, build, load_config
+from rtrl_jax.experiment.build import PEAK_STATES
+
+
+def test_trace_bytes_is_the_allocated_trace_and_allocates_nothing():
+    core = rj.from_linen(nn.GRUCell(5), 3)
+    params, carry = core.init(jax.random.PRNGKey(0))
+    est = rj.make_estimator("rtrl", core)
+    trace = est.init(params, carry)
+    assert rj.trace_bytes(est, params, carry) == tree_bytes(trace)
+    assert rj.trace_bytes(est, params, carry, batch_size=4) == 4 * tree_bytes(trace)
+    # exact RTRL's influence matrix: S x P floats
+    assert tree_bytes(trace) >= 5 * rj.tree_size(params) * 4
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1e9", 10**9), (1024, 1024)]
+)
+def test_parse_bytes(text, expected):
+    assert rj.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "8 parsecs", 0])
+def test_parse_bytes_names_the_bad_value(text):
+    with pytest.raises(ValueError, match=f"{text!r} is not a memory size"):
+        rj.parse_bytes(text)
+
+
+@pytest.mark.parametrize("hidden", [8, 24])
+@pytest.mark.parametrize("name", ["rtrl", "uoro", "kf", "snap", "tbptt"])
+def test_estimate_is_within_2x_of_xla_memory_analysis(name, hidden):
+    task = tasks.add_task()
+    core = rj.from_linen(nn.GRUCell(hidden), task.input_size)
+    est = rj.make_estimator(name, core)
+    params, _ = core.init(jax.random.PRNGKey(0), jnp.float32)
+    head_params = linear_head().init(jax.random.PRNGKey(1), hidden, task.num_classes)
+    optimizer = optax.adam(1e-3)
+    state = init_train_state(
+        core, est, optimizer, params, head_params, batch_size=4, key=jax.random.PRNGKey(2)
+    )
+    batch = jax.tree.map(lambda a: a[:, 0], tasks.task_source(task, jax.random.PRNGKey(3), 4).chunk(0, 1))
+    compiled = jax.jit(make_train_step(core, est, optimizer)).lower(state, batch).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend gives no memory analysis")
+    peak = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+    estimate = PEAK_STATES * tree_bytes(state)
+    assert peak / 2 <= estimate <= 2 * peak, (name, hidden, estimate, peak)
+
+
+def test_run_estimate_matches_the_built_state():
+    built = build(load_config(None, ["task=add", "model.hidden=6", "train.steps=10", "estimator=uoro"]))
+    assert built.memory.state_bytes == tree_bytes(built.state)
+    assert built.memory.trace_bytes == tree_bytes(built.state.trace)
+    assert built.memory.peak_bytes == PEAK_STATES * built.memory.state_bytes
+    model = build(load_config(None, ["task=add", "model.layers=2", "model.hidden=4", "train.steps=10"]))
+    assert model.memory.state_bytes == tree_bytes(model.state)
+    assert 0 < model.memory.trace_bytes < model.memory.state_bytes
+
+
+def test_over_budget_refuses_before_allocating_and_names_what_fits():
+    with pytest.raises(
+        ConfigError, match=r"train.max_memory: the run needs about .* but train.max_memory is"
+    ) as info:
+        build(load_config(None, ["model.hidden=64", "train.max_memory=2MB"]))
+    assert "Estimators that would fit:" in str(info.value) and "uoro (~" in str(info.value)
+    with pytest.raises(ConfigError, match="train.max_memory: 'lots' is not a memory size"):
+        build(load_config(None, ["train.max_memory=lots"]))
+    assert build(load_config(None, ["train.steps=10", "train.max_memory=none"])).memory.budget_bytes is None
+
+
+def test_cli_prints_the_estimate(tmp_path, capsys):
+    args = ["task=add", "model.hidden=4", "train.steps=20", "train.chunk_size=10", "train.batch_size=2"]
+    assert main(["train", "--quiet", "--out", str(tmp_path / "run"), *args]) == 0
+    assert "memory: peak of a step ~" in capsys.readouterr().out
+
+
+def test_hidden_2048_exact_rtrl_is_refused_without_compiling(tmp_path):
+    """The influence matrix of a 2048-unit GRU is tens of GiB: refused with a message, exit 2."""
+    code = (
+        "import sys; from rtrl_jax.cli import main;"
+        f"sys.exit(main(['train', '--quiet', '--out', {str(tmp_path / 'big')!r}, 'model.hidden=2048',"
+        " 'train.max_memory=16GiB']))"
+    )
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "train.max_memory: the run needs about" in done.stderr
+    assert "Estimators that would fit:" in done.stderr and "uoro" in done.stderr
+    assert "train_chunk" not in done.stderr and "train_step" not in done.stderr  # nothing of the run compiled
+    assert not (tmp_path / "big").exists()
+
+
+def test_format_bytes():
+    assert format_bytes(34359738368) == "32.0 GiB" and format_bytes(12) == "12 B"

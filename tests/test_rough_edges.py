@@ -1,0 +1,122 @@
+"""Bad inputs a new user hits get one clear line naming the value; a run records what it used."""
+
+import json
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import rtrl_jax as rj
+from rtrl_jax._src import tasks
+from rtrl_jax._src.trainer import init_train_state, linear_head, train_online
+from rtrl_jax.cli import build_parser, main
+from rtrl_jax.experiment import Checkpointer, CheckpointWarning, ConfigError, build, load_config
+
+SMALL = ["task=add", "model.hidden=4", "train.batch_size=2", "train.steps=20", "train.chunk_size=10"]
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "f"
+    path.write_text("x\n")
+    assert main(["train", "--quiet", "--out", str(path), *SMALL]) == 2
+    assert f"run folder {str(path)!r} is a file, not a folder" in capsys.readouterr().err
+    assert path.read_text() == "x\n"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", ".nan", "-.inf"])
+def test_non_finite_learning_rate_is_refused(value):
+    with pytest.raises(ConfigError, match=r"train.learning_rate: expected a finite number, got -?(nan|inf)"):
+        load_config(None, [f"train.learning_rate={value}"])
+
+
+def test_a_head_for_the_wrong_input_size_names_both_sizes():
+    task = tasks.add_task()
+    core = rj.from_linen(nn.GRUCell(4), task.input_size)
+    est = rj.make_estimator("uoro", core)
+    params, _ = core.init(jax.random.PRNGKey(0), jnp.float32)
+    head_params = linear_head().init(jax.random.PRNGKey(1), 7, task.num_classes)  # 7, not 4
+    state = init_train_state(
+        core, est, optax.sgd(0.1), params, head_params, batch_size=1, key=jax.random.PRNGKey(2)
+    )
+    stream = tasks.sample_batch(task, jax.random.PRNGKey(3), 5, 1)
+    with pytest.raises(
+        ValueError, match=r"output of shape \(4,\): head parameters .*7.*build the head for 4"
+    ):
+        train_online(core, est, optax.sgd(0.1), stream, state)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (
+            ["task=char"],
+            r"task_options: task 'char': missing option\(s\) \['path'\]; its options: path \(required\)",
+        ),
+        (
+            ["task=copy", "task_options.path=x"],
+            r"task 'copy': unknown option\(s\) \['path'\].*length=5, num_symbols=2",
+        ),
+    ],
+)
+def test_task_options_list_the_valid_ones(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        build(load_config(None, overrides))
+
+
+def test_resume_of_a_finished_run_keeps_its_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(out), *SMALL]) == 0
+    before = (out / "summary.json").read_text()
+    assert json.loads(before)["status"] == "finished"
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(out)]) == 2
+    assert "is finished (20 steps); there is nothing to resume" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == before
+
+
+def test_summary_records_the_options_used_and_versions(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(out), *SMALL, "estimator=tbptt"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    window = rj.estimator_options("tbptt")["window"]
+    assert summary["estimator_options"]["window"] == window
+    assert set(summary["versions"]) == {"jax", "jaxlib", "flax", "optax", "numpy", "rtrl_jax"}
+    assert summary["versions"]["jax"] == jax.__version__ and summary["versions"]["rtrl_jax"]
+
+
+def test_char_task_records_its_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("text.txt").write_text("abcabcabd " * 30)
+    config = load_config(None, ["task=char", "task_options.path=text.txt", *SMALL[1:]])
+    built = build(config)
+    assert built.spec.task_options["path"] == str(tmp_path / "text.txt")
+
+
+class _State(NamedTuple):
+    step: jax.Array
+    w: jax.Array
+
+
+def test_corrupt_checkpoint_warning_is_one_line(tmp_path):
+    state = _State(jnp.array(3), jnp.ones(4))
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(state)
+    for path in (tmp_path / "checkpoints" / "3").rglob("*"):
+        if path.is_file() and "d" in path.parent.name:
+            path.write_bytes(b"\0" * 7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert checkpointer.restore_latest(like=state) is None
+    checkpointer.close()
+    messages = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert messages and all("\n" not in m and len(m) < 400 for m in messages), messages
+
+
+def test_help_has_no_rest_markup():
+    text = build_parser().format_help()
+    assert "``" not in text and ":mod:" not in text and "`" not in text
