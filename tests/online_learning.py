@@ -7,6 +7,15 @@ import optax
 
 import rtrl_jax
 
+# The test programs are compiled once each and run on a few small steps: XLA's backend optimisation
+# would cost more compile time than it saves.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def jit(fn, **kwargs):
+    """``jax.jit`` with the tests' :data:`COMPILER_OPTIONS`."""
+    return jax.jit(fn, compiler_options=COMPILER_OPTIONS, **kwargs)
+
 
 def online_grads(core, estimator, params, carry, xs, weights, step_loss):
     """Per-step online gradients of ``step_loss(out_t, weights_t)`` (leading axis time), jitted."""
@@ -18,14 +27,14 @@ def online_grads(core, estimator, params, carry, xs, weights, step_loss):
         out_bar = jax.grad(step_loss)(out, w)
         return (trace, h), rtrl_jax.online_grad(core, estimator, trace, params, h, out_bar)
 
-    run = jax.jit(lambda: jax.lax.scan(body, (estimator.init(params, carry), carry), (xs, weights))[1])
+    run = jit(lambda: jax.lax.scan(body, (estimator.init(params, carry), carry), (xs, weights))[1])
     return run()
 
 
 def rollout(core, estimator, params, carry, xs):
     """``(carry, trace, influence)`` after running ``estimator`` over ``xs`` (jitted scan)."""
 
-    @jax.jit
+    @jit
     def go(params, carry, xs):
         def body(state, x):
             carry, trace = state

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from online_learning import add_task_loss, rollout
+from online_learning import add_task_loss, jit, rollout
 from scipy.sparse.csgraph import shortest_path
 
 import rtrl_jax
@@ -122,7 +122,7 @@ def _masked_rtrl(core, params, carry, xs, mask, leak=None):
         propagated = dynamics @ jac if leak is None else leak * jac
         return (carry, (immediate + propagated) * mask), None
 
-    run = jax.jit(lambda carry, xs: jax.lax.scan(body, (carry, jnp.zeros(mask.shape, jnp.float64)), xs)[0][1])
+    run = jit(lambda carry, xs: jax.lax.scan(body, (carry, jnp.zeros(mask.shape, jnp.float64)), xs)[0][1])
     return run(carry, xs)
 
 
@@ -211,7 +211,7 @@ def test_snap1_equals_bptt_on_elementwise_cells(name):
     weights = jax.random.normal(jax.random.PRNGKey(7), (steps, out_size), jnp.float64)
     estimator = rtrl_jax.snap(core, 1)
 
-    @jax.jit
+    @jit
     def online(params):
         def body(state, inputs):
             carry, trace = state
@@ -222,7 +222,7 @@ def test_snap1_equals_bptt_on_elementwise_cells(name):
         _, grads = jax.lax.scan(body, (carry, estimator.init(params, carry)), (xs, weights))
         return grads
 
-    @jax.jit
+    @jit
     def bptt(params):
         def weighted(p, selector):
             _, outs = rtrl_jax.unroll(core, p, carry, xs)

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from online_learning import online_grads
+from online_learning import jit, online_grads
 
 import rtrl_jax as rj
 
@@ -44,7 +44,7 @@ def truncated_reference(core, params, carry, xs, weights, starts):
 
         return jax.grad(loss)(params)
 
-    return jax.jit(jax.vmap(step_grad))(jnp.arange(T), jnp.asarray(starts))
+    return jit(jax.vmap(step_grad))(jnp.arange(T), jnp.asarray(starts))
 
 
 def close(a, b):
