@@ -44,7 +44,16 @@ def test_parse_bytes_names_the_bad_value(text):
 
 
 @pytest.mark.parametrize("hidden", [8, 24])
-@pytest.mark.parametrize("name", ["rtrl", "uoro", "kf", "snap", "tbptt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rtrl",
+        "uoro",
+        "tbptt",
+        pytest.param("kf", marks=pytest.mark.slow),
+        pytest.param("snap", marks=pytest.mark.slow),
+    ],
+)
 def test_estimate_is_within_2x_of_xla_memory_analysis(name, hidden):
     task = tasks.add_task()
     core = rj.from_linen(nn.GRUCell(hidden), task.input_size)

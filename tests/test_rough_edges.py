@@ -120,3 +120,14 @@ def test_corrupt_checkpoint_warning_is_one_line(tmp_path):
 def test_help_has_no_rest_markup():
     text = build_parser().format_help()
     assert "``" not in text and ":mod:" not in text and "`" not in text
+
+
+@pytest.mark.parametrize("name", ["rtrl", "uoro", "tbptt"])
+def test_a_wrong_shape_cotangent_names_both_shapes(name):
+    core = rj.from_linen(nn.GRUCell(8), 3)
+    params, carry = core.init(jax.random.PRNGKey(0))
+    est = rj.make_estimator(name, core)
+    trace = est.init(params, carry, key=jax.random.PRNGKey(1))
+    named = r"carry_bar has shape\(s\) \[\(5,\)\], but the core's carry has \[\(8,\)\]"
+    with pytest.raises(ValueError, match=named):
+        est.grad(trace, params, jnp.ones(5))

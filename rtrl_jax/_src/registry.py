@@ -24,9 +24,13 @@ This module imports no estimator: the estimator modules import it.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 
 from rtrl_jax._src.base import Estimator
 
@@ -213,7 +217,30 @@ def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
     reason = info.unsupported_reason(core)
     if reason is not None:
         raise ValueError(unsupported_message(name, core, reason))
-    return info.make(core, **options)
+    estimator = info.make(core, **options)
+    return estimator._replace(grad=_checked_grad(name, core, estimator.grad))
+
+
+def _checked_grad(name: str, core: Any, grad: Callable[..., Any]) -> Callable[..., Any]:
+    """``grad`` that first checks the cotangent has one entry per carry entry of ``core`` (a core
+    without a ``carry_spec`` is not checked). The check reads shapes only, at trace time."""
+    spec = getattr(core, "carry_spec", None)
+    if spec is None:
+        return grad
+    size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(spec))
+
+    def checked(trace, params, carry_bar):
+        shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(carry_bar)]
+        if sum(math.prod(shape) for shape in shapes) != size:
+            expected = [tuple(leaf.shape) for leaf in jax.tree.leaves(spec)]
+            raise ValueError(
+                f"estimator {name!r}: the cotangent carry_bar has shape(s) {shapes}, but the core's carry"
+                f" has {expected} ({size} entries, one stream: map a batch with jax.vmap); pass"
+                " dL/dh_t for the carry (rtrl_jax.carry_cotangent pulls back one on the output)."
+            )
+        return grad(trace, params, carry_bar)
+
+    return checked
 
 
 def is_exact(name: str, core: Any, **options: Any) -> bool:
