@@ -131,8 +131,9 @@ def test_bound_saturates_instead_of_overflowing_in_float32():
     }
     core = rtrl_jax.from_function(apply, params=params, carry=jnp.zeros(3, jnp.float32), input_shape=(2,))
     xs = 1e-2 * jax.random.normal(jax.random.PRNGKey(1), (300, 2), jnp.float32)
+    carry = jnp.zeros(3, jnp.float32)
     for rank in (0, 1):
         estimator = sketched_rtrl(core, rank)
-        _, trace, _ = jax.jit(lambda e=estimator: rtrl_jax.rollout(e, params, jnp.zeros(3, jnp.float32), xs))()
+        _, trace, _ = jax.jit(lambda e=estimator: rtrl_jax.rollout(e, params, carry, xs))()
         assert trace.bound.dtype == jnp.float32
         assert float(trace.bound) == float(jnp.finfo(jnp.float32).max), rank
