@@ -71,7 +71,7 @@ def _restore_global_x64():
 
 
 def _import_test_modules(session) -> None:
-    """Imports the ``test_*.py`` modules under ``tests/`` that this session collects, exactly as
+    """Imports the ``test_*.py`` modules under ``tests/`` that this pytest run collects, exactly as
     pytest's collector imports them (same function, same arguments, so pytest reuses the module
     objects), so that their import-time registrations precede the collection of any module."""
     config = session.config
