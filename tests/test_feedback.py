@@ -1,0 +1,134 @@
+"""Random and adaptive feedback heads (random and adaptive e-prop, Bellec et al. 2020).
+
+- with ``B`` equal to the readout kernel, a feedback head trains exactly as the linear head
+  (symmetric feedback), for e-prop and for another estimator;
+- random ``B`` gives another learning signal and stays fixed under Adam;
+- adaptive ``B`` gets the readout kernel's gradient: under SGD with weight decay ``λ``,
+  ``B ← B − η (∂L/∂W + λ B)`` and ``B − W`` shrinks by ``1 − ηλ`` per step.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rtrl_jax
+from rtrl_jax._src.feedback import feedback_head
+from rtrl_jax._src.trainer import make_train_chunk
+
+pytestmark = pytest.mark.x64
+
+INPUT, CLASSES, BATCH, STEPS = 3, 2, 2, 6
+TOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def problem():
+    with jax.enable_x64(True):
+        cell = rtrl_jax.ALIFCell(4, beta=0.5, tau_adaptation=30.0, self_connections=False)
+        core = rtrl_jax.from_linen(cell, INPUT)
+        core_params, _ = core.init(jax.random.PRNGKey(0), jnp.float64)
+        keys = jax.random.split(jax.random.PRNGKey(1), 2)
+        inputs = 1.5 * jax.random.normal(keys[0], (BATCH, STEPS, INPUT), jnp.float64)
+        labels = jax.random.randint(keys[1], (BATCH, STEPS), 0, CLASSES)
+        stream = rtrl_jax.Stream(
+            inputs=inputs,
+            targets=jax.nn.one_hot(labels, CLASSES, dtype=jnp.float64),
+            mask=jnp.ones((BATCH, STEPS), jnp.float64),
+            reset=jnp.zeros((BATCH, STEPS), bool).at[:, 0].set(True),
+        )
+        head_params = feedback_head("random").init(jax.random.PRNGKey(2), 4, CLASSES, jnp.float64)
+    return core, core_params, head_params, stream
+
+
+HEADS = {
+    "linear": rtrl_jax.linear_head(),
+    "random": feedback_head("random"),
+    "adaptive": feedback_head("adaptive"),
+}
+SGD, ADAM = optax.sgd(0.5), optax.adam(0.1)
+LR, DECAY = 0.5, 0.1
+SGD_DECAY = optax.chain(optax.add_decayed_weights(DECAY), optax.sgd(LR))
+ESTIMATORS = {}
+
+
+def _train(problem, estimator_name, head, head_params, optimizer, num_steps=STEPS):
+    """The parameters after each of ``num_steps`` trainer steps (one-step chunks: the jitted chunk
+    is cached on the estimator, optimizer and head, so each combination compiles once)."""
+    core, core_params, _, stream = problem
+    if estimator_name not in ESTIMATORS:
+        ESTIMATORS[estimator_name] = rtrl_jax.make_estimator(estimator_name, core)
+    estimator = ESTIMATORS[estimator_name]
+    state = rtrl_jax.init_train_state(
+        core, estimator, optimizer, core_params, head_params, batch_size=BATCH, key=jax.random.PRNGKey(3)
+    )
+    chunk = make_train_chunk(core, estimator, optimizer, head=HEADS[head])
+    history = []
+    for t in range(num_steps):
+        state, _ = chunk(state, jax.tree.map(lambda a, t=t: a[:, t : t + 1], stream))
+        history.append(state.params)
+    return history
+
+
+def _assert_close(got, want, tol=TOL):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(float(np.max(np.abs(b))), 1.0))
+
+
+def _core_change(history, start):
+    return jax.tree.map(lambda a, b: a - b, history[-1]["core"], start)
+
+
+@pytest.mark.parametrize("estimator_name", ["eprop", pytest.param("rtrl", marks=pytest.mark.slow)])
+def test_feedback_equal_to_the_readout_is_symmetric_feedback(problem, estimator_name):
+    """B = W: one step of a random head, and every step of an adaptive head (B stays W), equal the
+    linear head's."""
+    _, core_params, head_params, _ = problem
+    symmetric = dict(head_params, feedback=head_params["kernel"])
+    linear = {"kernel": head_params["kernel"], "bias": head_params["bias"]}
+    want = _train(problem, estimator_name, "linear", linear, SGD)
+    random = _train(problem, estimator_name, "random", symmetric, SGD, num_steps=1)
+    _assert_close({k: random[0][k] for k in ("core",)}, {"core": want[0]["core"]})
+    adaptive = _train(problem, estimator_name, "adaptive", symmetric, SGD)
+    for got, expected in zip(adaptive, want, strict=True):
+        _assert_close(got["core"], expected["core"])
+        _assert_close({k: got["head"][k] for k in linear}, expected["head"])
+        np.testing.assert_array_equal(got["head"]["feedback"], got["head"]["kernel"])
+    assert (
+        max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(_core_change(want, core_params))) > 1e-3
+    )
+
+
+def test_random_feedback_differs_and_stays_fixed(problem):
+    _, core_params, head_params, _ = problem
+    linear = {"kernel": head_params["kernel"], "bias": head_params["bias"]}
+    symmetric = _core_change(_train(problem, "eprop", "linear", linear, SGD), core_params)
+    random = _core_change(_train(problem, "eprop", "random", head_params, SGD), core_params)
+    for a, b in zip(jax.tree.leaves(random), jax.tree.leaves(symmetric), strict=True):
+        assert np.linalg.norm(a - b) > 0.1 * np.linalg.norm(b)
+    adam = _train(problem, "eprop", "random", head_params, ADAM)
+    assert not np.allclose(adam[-1]["head"]["kernel"], head_params["kernel"])
+    for params in adam:
+        np.testing.assert_array_equal(params["head"]["feedback"], head_params["feedback"])
+
+
+def test_adaptive_feedback_follows_the_readout_update_with_weight_decay(problem):
+    _, _, head_params, _ = problem
+    lr, decay, optimizer = LR, DECAY, SGD_DECAY
+    history = _train(problem, "eprop", "adaptive", head_params, optimizer)
+    # the readout kernel's gradient at the first step, from a linear head (same forward pass)
+    linear = {"kernel": head_params["kernel"], "bias": head_params["bias"]}
+    first = _train(problem, "eprop", "linear", linear, optimizer, num_steps=1)[0]
+    kernel_grad = (head_params["kernel"] - first["head"]["kernel"]) / lr - decay * head_params["kernel"]
+    assert np.max(np.abs(kernel_grad)) > 1e-3
+    b0 = head_params["feedback"]
+    _assert_close(history[0]["head"]["feedback"], b0 - lr * (kernel_grad + decay * b0))
+    gap = b0 - head_params["kernel"]
+    for t, params in enumerate(history, start=1):
+        _assert_close(params["head"]["feedback"] - params["head"]["kernel"], (1 - lr * decay) ** t * gap)
+
+
+def test_feedback_kind_is_checked():
+    with pytest.raises(ValueError, match="random, adaptive"):
+        feedback_head("symmetric")
