@@ -104,7 +104,8 @@ class LRUCell(_VectorCarryCell):
     Attributes:
       features: number of (complex or real) units.
       complex_state: complex ``λ`` (default) or real ``λ``.
-      r_min, r_max: range of ``|λ|`` at initialisation.
+      r_min: lower end of the range of ``|λ|`` at initialisation.
+      r_max: upper end of the range of ``|λ|`` at initialisation.
       max_phase: range of the phase of ``λ`` at initialisation.
     """
 

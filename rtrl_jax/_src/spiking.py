@@ -269,7 +269,8 @@ class ALIFCell(_SpikingCell):
     Attributes:
       tau_adaptation: the adaptation time constant ``τ_a`` in steps.
       beta: the adaptation strength ``β``.
-      (the others as :class:`LIFCell`)
+
+    The other attributes are :class:`LIFCell`'s.
     """
 
     tau_adaptation: float = 200.0
