@@ -14,6 +14,7 @@ tail by ``(s/q)(I − w wᵀ)`` (s = tail sum, q = r − m), whose deviation fro
 
 import functools
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -352,16 +353,77 @@ def test_trainer_learns_add_task_with_kronecker_estimators(name, options):
     assert learned < no_memory - 0.05, (learned, no_memory)
 
 
-def test_after_is_identity_with_a_real_dependency():
-    """The serialisation of LAPACK calls rests on ``after`` reading its dependencies: an
-    ``optimization_barrier`` is dropped by XLA:CPU, a data dependency is not."""
+def _compiled_uses_parameter(hlo_text: str, index: int) -> bool:
+    """Whether the entry computation of optimised HLO reads its parameter ``index``."""
+    entry = hlo_text[hlo_text.index("ENTRY") :]
+    match = re.search(rf"(%\S+) = \S+ parameter\({index}\)", entry)
+    return match is not None and entry.count(match.group(1) + ",") + entry.count(match.group(1) + ")") > 0
+
+
+def test_after_keeps_the_dependency_on_cpu_without_mixing_values():
+    """The serialisation of LAPACK calls rests on ``after`` reading its dependencies in the
+    compiled CPU program (an ``optimization_barrier`` is dropped by XLA:CPU, a data dependency is
+    not); a non-finite dependency must not leak into the result."""
     from rtrl_jax._src.kronecker import after
 
     x = {"a": jnp.arange(3.0), "b": jnp.array([True, False]), "c": jnp.arange(2)}
-    same = jax.jit(after)(x, (jnp.ones((2, 2)), jnp.zeros(0)))
+    deps = (jnp.ones((2, 2)), jnp.zeros(0))
+    same = jax.jit(after)(x, deps)
     for got, want in zip(jax.tree.leaves(same), jax.tree.leaves(x), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
-    poisoned = jax.jit(after)(jnp.arange(3.0), jnp.array([jnp.nan, 1.0]))
-    assert bool(jnp.all(jnp.isnan(poisoned)))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        np.testing.assert_array_equal(jax.jit(after)(jnp.arange(3.0), jnp.array([bad, 1.0])), jnp.arange(3.0))
     assert after(x, ()) is x
+
+    def only_a(a, dep):
+        return after(a, dep)
+
+    hlo = jax.jit(only_a).lower(jnp.arange(3.0), jnp.ones(2)).compile().as_text()
+    assert _compiled_uses_parameter(hlo, 1), hlo
+    without = jax.jit(lambda a, dep: a).lower(jnp.arange(3.0), jnp.ones(2)).compile().as_text()
+    assert not _compiled_uses_parameter(without, 1), without
+
+
+@pytest.mark.parametrize(
+    "platform, serialised", [("cpu", True), ("cuda", False), ("rocm", False), ("tpu", False)]
+)
+def test_after_serialises_only_when_lowered_for_cpu(platform, serialised):
+    """The CPU workaround is chosen per platform at lowering: a GPU or TPU program has no select
+    on the dependency and does not read it."""
+    from jax import export
+
+    from rtrl_jax._src.kronecker import after
+
+    exported = export.export(jax.jit(after), platforms=[platform])(jnp.arange(3.0), jnp.ones(2))
+    assert ("stablehlo.select" in exported.mlir_module()) == serialised
+
+
+def test_a_non_finite_trace_does_not_reach_the_next_estimator(x64):
+    """Estimators run one after the other on a shared trajectory; one whose trace is all NaN must
+    leave the next one's gradients exactly as when it runs alone."""
+    from rtrl_jax._src.compare import gradient_trajectory
+
+    core = rtrl_jax.from_linen(nn.SimpleCell(features=4), 2)
+    params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (5, 2), jnp.float64)
+    ys = jax.random.normal(jax.random.PRNGKey(2), (5, 4), jnp.float64)
+
+    def loss_fn(out, y):
+        return 0.5 * jnp.sum((out - y) ** 2)
+
+    exact = rtrl_jax.rtrl(core)
+    broken = rtrl_jax.Estimator(
+        lambda p, c, *, key=None: jax.tree.map(lambda t: t * jnp.nan, exact.init(p, c)),
+        exact.step,
+        exact.grad,
+    )
+    key = jax.random.PRNGKey(0)
+
+    def run(estimators):
+        return gradient_trajectory(core, estimators, exact, params, carry, xs, ys, loss_fn, key=key)
+
+    both = run({"a_broken": broken, "b_exact": exact})
+    alone = run({"b_exact": exact})
+    assert bool(jnp.all(jnp.isnan(both.grads["a_broken"])))
+    assert bool(jnp.array_equal(both.grads["b_exact"], alone.grads["b_exact"]))

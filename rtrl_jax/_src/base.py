@@ -7,14 +7,18 @@ approximation of the influence matrix ``J_t = dh_t/dθ`` through the recursion
 
 and turns the cotangent ``c_t = ∂L_t/∂h_t`` of a per-step loss into the gradient estimate
 ``c_t · J_t``. The methods differ only in how ``J`` is stored and propagated, so they all share one
-shape, a :class:`Estimator` made of three pure functions (in the style of
+shape, a :class:`Estimator` made of pure functions (in the style of
 ``optax.GradientTransformation``):
 
 - ``init(params, carry, *, key=None) -> trace``
 - ``step(trace, params, carry, x, *, key=None) -> (carry, out, trace)`` advances the core and the
   trace by one step;
 - ``grad(trace, params, carry_bar) -> params_bar`` contracts a cotangent on the carry held by
-  ``trace`` with the trace: the estimate of ``carry_bar · dh_t/dθ``.
+  ``trace`` with the trace: the estimate of ``carry_bar · dh_t/dθ``;
+- ``observe(trace, params, carry_bar) -> trace`` shows the trace the cotangent ``c_t`` of the step's
+  loss once it is known, for estimators that learn from it (DNI's synthetic gradient); the
+  default returns the trace unchanged. A training loop calls it after ``grad`` with the same
+  cotangent: ``step``, then ``grad`` and ``observe`` of ``c_t``, then the next ``step``.
 
 Traces are pytrees for one stream; batches come from ``jax.vmap``. Random keys are keyword-only and
 nothing is jitted implicitly.
@@ -63,8 +67,18 @@ class GradFn(Protocol):
     def __call__(self, trace: Trace, params: Params, carry_bar: Carry) -> Params: ...
 
 
+class ObserveFn(Protocol):
+    def __call__(self, trace: Trace, params: Params, carry_bar: Carry) -> Trace: ...
+
+
+def no_observation(trace: Trace, params: Params, carry_bar: Carry) -> Trace:
+    """The ``observe`` of an estimator that learns nothing from the loss: the trace unchanged."""
+    del params, carry_bar
+    return trace
+
+
 class Estimator(NamedTuple):
-    """An online gradient estimator: three pure functions over a trace pytree.
+    """An online gradient estimator: pure functions over a trace pytree.
 
     Attributes:
       init: ``(params, carry, *, key=None) -> trace``, the trace for a fresh stream (``J_0 = 0``).
@@ -72,11 +86,18 @@ class Estimator(NamedTuple):
         core and of the trace.
       grad: ``(trace, params, carry_bar) -> params_bar``, the estimate of ``carry_bar · J_t`` where
         ``J_t`` is the influence of the parameters on the carry that ``trace`` belongs to.
+      observe: ``(trace, params, carry_bar) -> trace``, the trace after seeing the cotangent
+        ``carry_bar = ∂L_t/∂h_t`` of the step's loss (called after ``grad`` with the same
+        cotangent, before the next ``step``); :func:`no_observation` by default. Only estimators
+        whose trace learns from the loss itself need it: the loss reaches an estimator nowhere
+        else, since ``grad`` is a pure contraction (:func:`influence_matrix` calls it with every
+        basis cotangent).
     """
 
     init: InitFn
     step: StepFn
     grad: GradFn
+    observe: ObserveFn = no_observation
 
 
 class FlatCore(NamedTuple):
@@ -152,17 +173,28 @@ def influence_matrix(estimator: Estimator, trace: Trace, params: Params, carry: 
 
 
 def after(tree: Any, dependencies: Any) -> Any:
-    """``tree`` unchanged, but computed only once ``dependencies`` are.
+    """``tree`` unchanged, but computed only once ``dependencies`` are, when compiled for CPU.
 
-    Serialises linear algebra that must not run concurrently: on CPU, jaxlib's batched LAPACK
+    Serialises linear algebra that must not run concurrently on XLA:CPU: jaxlib's batched LAPACK
     kernels split their batch over XLA's intra-op pool and block until the pieces are done, so two
     started at once on a two-thread pool can each hold a thread and wait for the other (see
-    :mod:`rtrl_jax._src.kronecker`). The result reads one entry
-    of every dependency (``jnp.where(isfinite(token), x, x + token)``, which XLA cannot fold away).
-    ``jax.lax.optimization_barrier`` is not enough: XLA:CPU drops it before scheduling, so two
-    independent LAPACK calls may still run at once."""
-    leaves = [jnp.ravel(leaf)[:1].sum() for leaf in jax.tree.leaves(dependencies)]
+    :mod:`rtrl_jax._src.kronecker`). ``jax.lax.optimization_barrier`` is not enough there: XLA:CPU
+    drops it before scheduling, so the order is made a data dependency. Every leaf of ``tree``
+    passes through a select whose predicate reads one entry ``t`` of every dependency and is never
+    true (``isnan(t) & isinf(t)``), which XLA cannot fold away; the result is ``tree`` bit for bit
+    whatever ``t`` holds (a non-finite dependency leaves it untouched).
+
+    The choice is made per platform when the function is lowered
+    (``jax.lax.platform_dependent``): GPU and TPU kernels do not share a blocking host pool, so
+    there ``tree`` is returned with no dependency and no extra pass over it.
+    """
+    leaves = [jnp.ravel(leaf)[:1] for leaf in jax.tree.leaves(dependencies)]
     if not leaves:
         return tree
-    token = sum(leaves[1:], leaves[0])
-    return jax.tree.map(lambda x: jnp.where(jnp.isfinite(token), x, (x + token).astype(x.dtype)), tree)
+    token = jnp.concatenate([leaf.astype(jnp.float32) for leaf in leaves])
+
+    def serialised(tree, token):
+        never = jnp.any(jnp.isnan(token) & jnp.isinf(token))
+        return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
+
+    return jax.lax.platform_dependent(tree, token, cpu=serialised, default=lambda tree, token: tree)

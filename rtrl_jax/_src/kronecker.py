@@ -34,12 +34,13 @@ reductions' QR factorisations. ``D_t`` is applied with one JVP per stored row, o
 JVP costs several ``S × S`` products (a GRU's three hidden kernels, counted by
 :func:`carry_jvp_matvecs`), by forming ``D_t`` once and multiplying, whichever costs fewer FLOPs.
 
-**Serialised linear algebra.** The kernels' reductions run one after the other (:func:`after`: a
-data dependency on the previous kernel's result), as do the QR factorisations inside one r-OK
-reduction. On CPU, jaxlib's batched LAPACK kernels (under ``jax.vmap``: a batch of streams
-or of keys) split their batch over XLA's intra-op thread pool and block until the pieces are done;
-two such calls started at once on a two-thread pool each hold a thread and wait forever for the other
-(seen as a hang with jaxlib 0.10.2 on two cores: both pool threads parked in ``OrthogonalQr``).
+**Serialised linear algebra.** In a program compiled for CPU the kernels' reductions run one after
+the other (:func:`after`: a data dependency on the previous kernel's result), as do the QR
+factorisations inside one r-OK reduction; GPU and TPU programs carry no such dependency. On CPU,
+jaxlib's batched LAPACK kernels (under ``jax.vmap``: a batch of streams or of keys) split their
+batch over XLA's intra-op thread pool and block until the pieces are done; two such calls started
+at once on a two-thread pool each hold a thread and wait forever for the other (seen as a hang
+with jaxlib 0.10.2 on two cores: both pool threads parked in ``OrthogonalQr``).
 """
 
 from __future__ import annotations
