@@ -15,7 +15,7 @@ from rtrl_jax._src import tasks
 from rtrl_jax._src.memory import format_bytes, tree_bytes
 from rtrl_jax._src.trainer import init_train_state, linear_head, make_train_step
 from rtrl_jax.cli import main
-from rtrl_jax.experiment import ConfigError, build, load_config
+from rtrl_jax.experiment import ConfigError, build, load_config, names
 from rtrl_jax.experiment.build import PEAK_STATES
 
 
@@ -115,6 +115,74 @@ def test_hidden_2048_exact_rtrl_is_refused_without_compiling(tmp_path):
     assert "Estimators that would fit:" in done.stderr and "uoro" in done.stderr
     assert "train_chunk" not in done.stderr and "train_step" not in done.stderr  # nothing of the run compiled
     assert not (tmp_path / "big").exists()
+
+
+class _RecordingGRU(nn.GRUCell):
+    """A GRU that records the input shape of every call made on concrete arrays (an
+    initialisation or a probe of the cell's values) in ``CONCRETE``; abstract traces are not
+    recorded."""
+
+    def __call__(self, carry, inputs):
+        if not isinstance(inputs, jax.core.Tracer):
+            _RecordingGRU.CONCRETE.append(inputs.shape)
+        return super().__call__(carry, inputs)
+
+
+_RecordingGRU.CONCRETE = []
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    monkeypatch.setattr(_RecordingGRU, "CONCRETE", [])
+    monkeypatch.setitem(names.CELLS, "gru", lambda hidden: _RecordingGRU(features=hidden))
+    return _RecordingGRU
+
+
+def test_from_linen_builds_the_core_from_shapes_only(recorded):
+    core = rj.from_linen(recorded(7), 3)
+    assert recorded.CONCRETE == []  # specs and output map from abstract traces
+    params, carry = core.init(jax.random.PRNGKey(0))  # the cell's own initialisation is concrete
+    assert recorded.CONCRETE == [(3,)]
+    assert core.params_spec == jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    assert core.carry_spec == jax.ShapeDtypeStruct((7,), jnp.float32)
+    new_carry, out = core(params, carry, jnp.ones(3))
+    assert jnp.array_equal(core.output(new_carry), out)
+
+
+def test_from_linen_reads_the_output_leaf_of_a_tuple_carry():
+    core = rj.from_linen(nn.LSTMCell(4), 2)
+    params, carry = core.init(jax.random.PRNGKey(0))
+    (c, h), out = core(params, jax.tree.map(lambda a: a + 0.3, carry), jnp.ones(2))
+    assert jnp.array_equal(core.output((c, h)), out) and jnp.array_equal(out, h)
+    assert not jnp.array_equal(c, h)
+
+
+class _CopiedOutputCell(nn.SimpleCell):
+    """A cell whose output equals its new carry in value but is another array (a concrete probe
+    is needed to match it to the carry)."""
+
+    def __call__(self, carry, inputs):
+        new_carry, out = super().__call__(carry, inputs)
+        return new_carry, out * 1.0
+
+
+def test_from_linen_probes_a_cell_whose_output_is_a_value_of_its_own():
+    core = rj.from_linen(_CopiedOutputCell(4), 2)
+    params, carry = core.init(jax.random.PRNGKey(0))
+    new_carry, out = core(params, carry, jnp.ones(2))
+    assert jnp.array_equal(core.output(new_carry), out)
+
+
+def test_a_refused_run_never_initialises_the_model(recorded):
+    """The estimate and the refusal of exact RTRL on a large GRU cost shapes only: no call of the
+    cell on concrete arrays (neither its initialisation nor an output probe) is made."""
+    with pytest.raises(
+        ConfigError, match=r"train.max_memory: the run needs about .* but train.max_memory is"
+    ):
+        build(load_config(None, ["model.hidden=256", "train.max_memory=64MB"]))
+    assert recorded.CONCRETE == []
+    small = build(load_config(None, ["model.hidden=4", "train.steps=10"]))  # the recorder records
+    assert small.core.name == "gru" and recorded.CONCRETE
 
 
 def test_format_bytes():

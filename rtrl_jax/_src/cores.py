@@ -149,6 +149,17 @@ class Core:
             )
 
 
+def _leaf_reader(treedef: Any, index: int, name: str) -> Callable[[Carry], Output]:
+    """``carry -> out``: leaf ``index`` of a carry of structure ``treedef``."""
+
+    def output(c):
+        if jax.tree.structure(c) != treedef:
+            raise ValueError(f"{name}: carry structure {jax.tree.structure(c)} != {treedef}.")
+        return jax.tree.leaves(c)[index]
+
+    return output
+
+
 def _find_output(apply: CoreFn, params: Params, carry: Carry, x: Input, name: str):
     """Finds which leaf of the new carry the core returns as its output."""
     new_carry, out = apply(params, carry, x)
@@ -166,14 +177,7 @@ def _find_output(apply: CoreFn, params: Params, carry: Carry, x: Input, name: st
             f"{name}: the cell's output is not a leaf of its carry; build the core with "
             "from_function(..., output=fn) where fn maps the carry to the output."
         )
-    index = matches[0]
-
-    def output(c):
-        if jax.tree.structure(c) != treedef:
-            raise ValueError(f"{name}: carry structure {jax.tree.structure(c)} != {treedef}.")
-        return jax.tree.leaves(c)[index]
-
-    return output
+    return _leaf_reader(treedef, matches[0], name)
 
 
 def _random_like(key: PRNGKey, tree: Any) -> Any:
@@ -190,15 +194,53 @@ def _probe_output(apply: CoreFn, params: Params, carry: Carry, input_shape, name
     return _find_output(apply, params, _random_like(key_c, carry), x, name)
 
 
+def _traced_output(apply: CoreFn, params_spec: Any, carry_spec: Any, input_shape, name: str):
+    """The output map of a cell that returns its carry, or a leaf of it, as the output, found from
+    one abstract trace of ``apply`` (``jax.eval_shape``: nothing is computed or allocated); ``None``
+    when the output is a value of its own, which only a concrete probe can match to a leaf."""
+    found = []
+
+    def step(params, carry, x):
+        new_carry, out = apply(params, carry, x)
+        leaves = jax.tree.leaves(new_carry)
+        same = jax.tree.leaves(out)
+        if jax.tree.structure(out) == jax.tree.structure(new_carry) and all(
+            a is b for a, b in zip(same, leaves, strict=True)
+        ):
+            found.append(None)
+        elif len(same) == 1:
+            found.extend(i for i, leaf in enumerate(leaves) if leaf is same[0])
+        return out
+
+    jax.eval_shape(step, params_spec, carry_spec, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    if found == [None]:
+        return lambda c: c
+    if len(found) != 1:
+        return None
+    return _leaf_reader(jax.tree.structure(carry_spec), found[0], name)
+
+
 def _flax_core(apply: CoreFn, init_fn, input_shape: tuple[int, ...], name: str, module: Any) -> Core:
-    """A core whose specs and output map come from one initialisation of a Flax cell."""
-    params, carry = init_fn(jax.random.PRNGKey(0))
+    """A core whose specs come from an abstract initialisation of a Flax cell (``jax.eval_shape``).
+
+    Nothing of the cell's size is allocated when its output is its carry or a leaf of it (every
+    Flax cell, every cell of this library): a core for a model too large for the machine costs
+    shapes only, so its memory can be estimated before anything is allocated. A cell whose output
+    is a value of its own is probed once with concrete arrays to find the leaf it equals.
+    """
+    params_spec, carry_spec = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    )
+    output = _traced_output(apply, params_spec, carry_spec, input_shape, name)
+    if output is None:
+        params, carry = init_fn(jax.random.PRNGKey(0))
+        output = _probe_output(apply, params, carry, input_shape, name)
     return Core(
         apply=apply,
-        output=_probe_output(apply, params, carry, input_shape, name),
+        output=output,
         input_shape=input_shape,
-        params_spec=_spec(params),
-        carry_spec=_spec(carry),
+        params_spec=params_spec,
+        carry_spec=carry_spec,
         name=name,
         module=module,
         init_fn=init_fn,
