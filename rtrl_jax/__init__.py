@@ -25,6 +25,7 @@ from rtrl_jax._src.compare import (
     gradient_trajectory,
 )
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
+from rtrl_jax._src.dni import DNIState, dni
 from rtrl_jax._src.eprop import EpropState, eprop, neuron_units
 from rtrl_jax._src.kernl import KeRNLState, kernl
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
@@ -97,6 +98,7 @@ __all__ = [
     "Comparison",
     "Core",
     "CoreFn",
+    "DNIState",
     "ELSTMCell",
     "EpropState",
     "Estimator",
@@ -141,6 +143,7 @@ __all__ = [
     "cast_floating",
     "compare_gradients",
     "copy_task",
+    "dni",
     "dynamics_and_immediate",
     "eprop",
     "estimator_options",

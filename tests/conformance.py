@@ -156,7 +156,9 @@ def trajectory(core, estimator: rtrl_jax.Estimator, params, carry, xs, weights, 
     """One stream, ``STEPS`` steps with fixed parameters (in ``lax.scan``), each step through the
     ``custom_vjp`` drop-in (:func:`rtrl_jax.online_step`, whose forward is ``estimator.step``)
     under ``jax.grad`` of the user's unchanged step loss, and :func:`rtrl_jax.online_grad` of the
-    same step. ``key`` may be ``None`` (deterministic estimators); see :func:`stream_keys`.
+    same step; the trace then observes the step's cotangent (``estimator.observe``) before the
+    next step, as in training. ``key`` may be ``None`` (deterministic estimators); see
+    :func:`stream_keys`.
 
     Returns:
       ``{"init_trace", "carry", "out", "trace", "grad", "drop_in"}``, all but the first per step
@@ -173,8 +175,10 @@ def trajectory(core, estimator: rtrl_jax.Estimator, params, carry, xs, weights, 
     def body(state, inputs):
         x, w, k = inputs
         drop_in, (h, out, trace) = jax.grad(user_loss, has_aux=True)(params, *state, x, w, k)
-        grad = rtrl_jax.online_grad(core, estimator, trace, params, h, jax.grad(step_loss)(out, w))
-        return (trace, h), {"carry": h, "out": out, "trace": trace, "grad": grad, "drop_in": drop_in}
+        out_bar = jax.grad(step_loss)(out, w)
+        grad = rtrl_jax.online_grad(core, estimator, trace, params, h, out_bar)
+        observed = estimator.observe(trace, params, rtrl_jax.carry_cotangent(core, h, out_bar))
+        return (observed, h), {"carry": h, "out": out, "trace": trace, "grad": grad, "drop_in": drop_in}
 
     _, per_step = jax.lax.scan(body, (trace, carry), (xs, weights, step_keys))
     return {"init_trace": trace, **per_step}

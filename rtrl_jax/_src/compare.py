@@ -110,6 +110,7 @@ def gradient_trajectory(
             _, _, new_traces[n] = estimators[n].step(trace_n, params, carry, x, key=keys[i])
             previous = new_traces[n]
             grads[n] = estimators[n].grad(new_traces[n], params, carry_bar)
+            new_traces[n] = estimators[n].observe(new_traces[n], params, carry_bar)
         if train_with is not None:
             driver = exact_grad if train_with == "exact" else grads[train_with]
             params = jax.tree.map(lambda p, g: p - learning_rate * g, params, driver)

@@ -58,6 +58,7 @@ def rollout(
     *,
     key: PRNGKey | None = None,
     emit: Callable[[Carry, Output, Trace], Any] | None = None,
+    cotangent: Callable[[Carry, Output], Carry] | None = None,
 ) -> tuple[Carry, Trace, Any]:
     """Runs ``estimator`` from a fresh trace over a stream with fixed parameters, in ``lax.scan``.
 
@@ -73,6 +74,10 @@ def rollout(
       key: the random key of the run, or ``None``.
       emit: ``(carry, out, trace) -> y``, evaluated after every step; the ``y`` are stacked along
         a leading time axis (e.g. the per-step online gradient of a step loss).
+      cotangent: ``(carry, out) -> carry_bar``, the cotangent ``c_t = ∂L_t/∂h_t`` of the step
+        loss; with it the trace observes every step's (``estimator.observe``, after ``emit``), as
+        in training. Estimators that learn from the loss (DNI) need it; without it what they have
+        learned stays as ``init`` set it.
 
     Returns:
       ``(final carry, final trace, emitted)``, ``emitted`` ``None`` without ``emit``. Pure; jit it.
@@ -92,7 +97,10 @@ def rollout(
         carry, trace = state
         x, step_key = step
         carry, out, trace = estimator.step(trace, params, carry, x, key=step_key)
-        return (carry, trace), (None if emit is None else emit(carry, out, trace))
+        emitted = None if emit is None else emit(carry, out, trace)
+        if cotangent is not None:
+            trace = estimator.observe(trace, params, cotangent(carry, out))
+        return (carry, trace), emitted
 
     trace = estimator.init(params, carry, key=init_key)
     (carry, trace), emitted = jax.lax.scan(body, (carry, trace), (inputs, step_keys))
@@ -114,6 +122,11 @@ def online_step(core: Any, estimator: Estimator):
     - ``trace``, ``carry`` and ``key`` get zero: nothing flows into past steps (the past's influence
       on ``h_t`` through ``θ`` is what ``J_t`` already holds; the past's influence through ``x`` is
       what a layer-by-layer online model drops, see :mod:`rtrl_jax._src.layers`).
+
+    The reverse pass can hand back cotangents only, not a new trace, so the drop-in does not call
+    ``estimator.observe``: an estimator that learns from the loss (DNI) keeps what it has learned
+    as it is, unless the loop calls ``estimator.observe(trace, params, c_t)`` itself
+    (:func:`carry_cotangent` gives ``c_t``).
 
     A user's unchanged one-step loss thus trains online::
 

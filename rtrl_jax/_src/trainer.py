@@ -5,7 +5,8 @@ At every step ``t`` of a batch of independent streams the trainer
 1. resets the carry and the trace of the streams whose episode starts at ``t``;
 2. advances core and trace with ``estimator.step``;
 3. computes the step loss through the readout head (ordinary autodiff for the head);
-4. gets the recurrent gradient from the estimator (``online_grad``), averages over the batch, and
+4. gets the recurrent gradient from the estimator (``grad`` of the loss's carry cotangent ``c_t``),
+   shows ``c_t`` to the trace (``observe``), averages the gradient over the batch, and
 5. applies any ``optax.GradientTransformation`` (every step, or every ``k`` steps through
    ``optax.MultiSteps``).
 
@@ -42,7 +43,7 @@ import optax
 
 from rtrl_jax._src.base import Estimator, Params
 from rtrl_jax._src.cores import Core
-from rtrl_jax._src.online import online_grad
+from rtrl_jax._src.online import carry_cotangent
 from rtrl_jax._src.tasks import Source, Stream
 
 NONFINITE_POLICIES = ("skip", "stop", "ignore")
@@ -239,7 +240,9 @@ def make_train_step(
         (loss, logits), (head_bar, out_bar) = jax.value_and_grad(step_loss, argnums=(0, 1), has_aux=True)(
             params["head"], out
         )
-        core_bar = online_grad(core, estimator, new_trace, params["core"], new_carry, out_bar)
+        carry_bar = carry_cotangent(core, new_carry, out_bar)
+        core_bar = estimator.grad(new_trace, params["core"], carry_bar)
+        new_trace = estimator.observe(new_trace, params["core"], carry_bar)
         correct = weight * _hit(logits, target)
         grads = {"core": core_bar, "head": head_bar}
         return new_carry, new_trace, loss, correct, grads
