@@ -73,6 +73,7 @@ from rtrl_jax._src.snap import (
 from rtrl_jax._src.spiking import ALIFCell, ALIFState, LIFCell, LIFState
 from rtrl_jax._src.tasks import Source, Stream, Task, add_task, copy_task, sample_batch, task_source
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
+from rtrl_jax._src.trace_dtype import with_trace_dtype
 from rtrl_jax._src.train_state import RecurrentTrainState
 from rtrl_jax._src.trainer import (
     Head,
@@ -209,4 +210,5 @@ __all__ = [
     "unroll",
     "unregister",
     "uoro",
+    "with_trace_dtype",
 ]

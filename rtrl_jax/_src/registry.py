@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.trace_dtype import with_trace_dtype
 
 REQUIRED = inspect.Parameter.empty
 """The default of an option that has none (:func:`estimator_options`)."""
@@ -199,8 +200,12 @@ def _check_is_core(name: str, core: Any) -> None:
         )
 
 
-def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
+def make_estimator(name: str, core: Any, *, trace_dtype: Any = None, **options: Any) -> Estimator:
     """Builds the estimator ``name`` for ``core``.
+
+    ``trace_dtype`` (every estimator): store the trace's floating leaves in this narrower dtype
+    between steps, e.g. ``"bfloat16"`` (:func:`rtrl_jax.with_trace_dtype`); ``None`` keeps them
+    as the estimator computes them.
 
     Raises:
       ValueError: for an unknown name, an unknown option, or an estimator that cannot serve the
@@ -218,6 +223,8 @@ def make_estimator(name: str, core: Any, **options: Any) -> Estimator:
     if reason is not None:
         raise ValueError(unsupported_message(name, core, reason))
     estimator = info.make(core, **options)
+    if trace_dtype is not None:
+        estimator = with_trace_dtype(estimator, trace_dtype)
     return estimator._replace(grad=_checked_grad(name, core, estimator.grad))
 
 
