@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -55,20 +56,36 @@ def _train(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(built.memory.describe(), flush=True)
-    with tqdm(total=config.train.steps, unit="step", disable=args.quiet, file=sys.stderr) as bar:
+    # the bar shows the run's own steps/s (compiling excluded), not tqdm's rate and time left; it
+    # starts at the step the run starts from (a resumed run's checkpoint)
+    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+    progress = {}
 
-        def on_chunk(steps_done, info):
-            bar.update(steps_done - bar.n)
-            postfix = {"loss": f"{info['loss']:.4f}", "steps/s": f"{info['steps_per_s']:.0f}"}
-            if info.get("nonfinite"):
-                postfix["nonfinite"] = info["nonfinite"]
-            bar.set_postfix(postfix)
+    def on_start(step):
+        progress["bar"] = tqdm(
+            total=config.train.steps, initial=step, disable=args.quiet, file=sys.stderr, bar_format=bar_format
+        )
 
-        try:
-            summary = experiment.run_training(built, out_dir, on_chunk=on_chunk, resume=bool(args.resume))
-        except experiment.RunError as error:
-            print(f"rtrl-jax: {error}", file=sys.stderr)
-            return 2
+    def on_chunk(steps_done, info):
+        bar = progress["bar"]
+        bar.update(steps_done - bar.n)
+        postfix = {"loss": f"{info['loss']:.4f}"}
+        if math.isfinite(info["steps_per_s"]):
+            postfix["steps/s"] = f"{info['steps_per_s']:.0f}"
+        if info.get("nonfinite"):
+            postfix["nonfinite"] = info["nonfinite"]
+        bar.set_postfix(postfix)
+
+    try:
+        summary = experiment.run_training(
+            built, out_dir, on_chunk=on_chunk, on_start=on_start, resume=bool(args.resume)
+        )
+    except experiment.RunError as error:
+        print(f"rtrl-jax: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if "bar" in progress:
+            progress["bar"].close()
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out_dir}")
     if summary["status"] == "interrupted":

@@ -1,6 +1,10 @@
 """Bad inputs a new user hits get one clear line naming the value; a run records what it used."""
 
 import json
+import os
+import re
+import signal
+import struct
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +19,15 @@ import rtrl_jax as rj
 from rtrl_jax._src import tasks
 from rtrl_jax._src.trainer import init_train_state, linear_head, train_online
 from rtrl_jax.cli import build_parser, main
-from rtrl_jax.experiment import Checkpointer, CheckpointWarning, ConfigError, build, load_config
+from rtrl_jax.experiment import (
+    Checkpointer,
+    CheckpointWarning,
+    ConfigError,
+    build,
+    load_config,
+    plot_run,
+    run_training,
+)
 
 SMALL = ["task=add", "model.hidden=4", "train.batch_size=2", "train.steps=20", "train.chunk_size=10"]
 
@@ -131,3 +143,36 @@ def test_a_wrong_shape_cotangent_names_both_shapes(name):
     named = r"carry_bar has shape\(s\) \[\(5,\)\], but the core's carry has \[\(8,\)\]"
     with pytest.raises(ValueError, match=named):
         est.grad(trace, params, jnp.ones(5))
+
+
+def _png_height(path: Path) -> int:
+    return struct.unpack(">I", path.read_bytes()[20:24])[0]
+
+
+@pytest.mark.slow
+def test_progress_bar_shows_the_runs_rate_and_a_resume_starts_at_its_step(tmp_path, capsys):
+    """The add task (soft targets) records no accuracy and its plot has no accuracy panel; the bar
+    shows the run's steps/s only and, on --resume, starts at the restored step."""
+    out = tmp_path / "cut"
+
+    def interrupt(steps_done, info):
+        if steps_done == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run_training(build(load_config(None, SMALL)), out, on_chunk=interrupt)["status"] == "interrupted"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0
+    bar = capsys.readouterr().err
+    frames = [frame for frame in re.split(r"[\r\n]", bar) if "/20" in frame]
+    assert frames and frames[0].lstrip().startswith("50%") and "10/20" in frames[0], frames
+    assert "20/20" in frames[-1] and "loss=" in frames[-1]
+    assert not re.search(r"(step|it)/s[^=]", bar) and "<" not in bar, bar  # no tqdm rate, no time left
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 21))
+    assert all(row["accuracy"] is None for row in rows)
+    assert _png_height(plot_run(out)) == round(2 * 2.4 * 110)  # loss and gradient norm only
+    for row in rows:
+        row["accuracy"] = 0.5
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert _png_height(plot_run(out)) == round(3 * 2.4 * 110)  # with hard targets: accuracy too

@@ -3,8 +3,9 @@
 The run folder holds
 
 - ``config.yaml``: the resolved spec;
-- ``metrics.jsonl`` and ``metrics.csv``: one row per step: step, loss, accuracy, grad_norm, weight
-  (the summed loss weights) and nonfinite (0, or the bit flags of the non-finite quantities);
+- ``metrics.jsonl`` and ``metrics.csv``: one row per step: step, loss, accuracy (``null`` for a
+  task whose targets are soft, e.g. the add task), grad_norm, weight (the summed loss weights)
+  and nonfinite (0, or the bit flags of the non-finite quantities);
 - ``checkpoints/``: Orbax checkpoints of the whole run state every ``train.checkpoint_every`` steps,
   on interrupt (SIGINT / SIGTERM) and at the end; ``run_training(..., resume=True)`` (the CLI's
   ``--resume RUN_DIR``) continues from the newest good one, bitwise as if never stopped;
@@ -74,8 +75,9 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def metric_rows(metrics: StepMetrics, first_step: int) -> list[dict[str, Any]]:
-    """One dict per step (``METRIC_COLUMNS``); means over the batch, ``None`` where undefined."""
+def metric_rows(metrics: StepMetrics, first_step: int, *, hard_targets: bool = True) -> list[dict[str, Any]]:
+    """One dict per step (``METRIC_COLUMNS``); means over the batch, ``None`` where undefined (the
+    accuracy of a task whose targets are soft, ``hard_targets=False``, is ``None`` throughout)."""
     rows = []
     for i in range(metrics.loss.shape[0]):
         weight = float(metrics.weight[i])
@@ -83,7 +85,7 @@ def metric_rows(metrics: StepMetrics, first_step: int) -> list[dict[str, Any]]:
             {
                 "step": first_step + i + 1,
                 "loss": _finite_or_none(float(metrics.loss[i]) / weight) if weight > 0 else None,
-                "accuracy": float(metrics.correct[i]) / weight if weight > 0 else None,
+                "accuracy": float(metrics.correct[i]) / weight if hard_targets and weight > 0 else None,
                 "grad_norm": _finite_or_none(float(metrics.grad_norm[i])),
                 "weight": weight,
                 "nonfinite": int(metrics.nonfinite[i]),
@@ -174,6 +176,7 @@ def run_training(
     out_dir: str | Path,
     *,
     on_chunk: Callable[[int, dict[str, float]], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Trains ``experiment`` online and writes its run folder.
@@ -185,7 +188,10 @@ def run_training(
       experiment: a built :class:`Experiment`, or a :class:`RunConfig` to build.
       out_dir: the run folder (created).
       on_chunk: ``(steps_done, {"loss": ..., "steps_per_s": ..., "nonfinite": ...})`` after each
-        chunk (progress bars).
+        chunk (progress bars); ``steps_per_s`` is the rate since the end of the first chunk (NaN
+        at the first chunk, whose time includes compiling).
+      on_start: ``(step)`` once before training, with the step it starts from (the restored
+        checkpoint's on ``resume``, else 0).
       resume: continue the run in ``out_dir`` from its newest good checkpoint (from the start if it
         has none); the spec must be the run's (``load_config(out_dir / "config.yaml")``).
 
@@ -226,6 +232,8 @@ def run_training(
         _check_unfinished(out_dir)
     earlier = [row for row in read_metrics(out_dir) if row["step"] <= start]
     write_metrics(out_dir, earlier, fresh=True)
+    if on_start is not None:
+        on_start(start)
 
     timing = {"start": time.perf_counter(), "first_chunk_end": None, "first_chunk_steps": start}
     timing["rate"] = math.nan
@@ -236,9 +244,11 @@ def run_training(
     def callback(state: OnlineTrainState, metrics: StepMetrics) -> None:
         latest["state"] = state
         steps_done = int(state.step)
-        write_metrics(out_dir, metric_rows(metrics, steps_done - metrics.loss.shape[0]))
+        first = steps_done - metrics.loss.shape[0]
+        write_metrics(out_dir, metric_rows(metrics, first, hard_targets=experiment.task.hard_targets))
         now = time.perf_counter()
-        if timing["first_chunk_end"] is None:
+        first_chunk = timing["first_chunk_end"] is None
+        if first_chunk:
             timing["first_chunk_end"], timing["first_chunk_steps"] = now, steps_done
             timing["rate"] = (steps_done - start) / (now - timing["start"])
         elif steps_done > timing["first_chunk_steps"]:
@@ -249,7 +259,7 @@ def run_training(
                 steps_done,
                 {
                     "loss": math.nan if loss is None else loss,
-                    "steps_per_s": timing["rate"],
+                    "steps_per_s": math.nan if first_chunk else timing["rate"],
                     "nonfinite": int(np.count_nonzero(metrics.nonfinite)),
                 },
             )
