@@ -28,15 +28,15 @@ DISCOUNT = 0.5
 START = np.array([0.6, 0.0, 0.0, 0.8])
 
 
-def _rotations():
-    blocks = [np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in PLANES]
+def _rotations(scale: float = 1.0):
+    blocks = [scale * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) for a in PLANES]
     w = np.zeros((4, 4))
     w[:2, :2], w[2:, 2:] = blocks
     return w
 
 
-def _rotation_core():
-    w = _rotations()
+def _rotation_core(scale: float = 1.0):
+    w = _rotations(scale)
 
     def apply(p, h, x):
         new = jnp.asarray(w, h.dtype) @ h + p["u"] @ x
@@ -105,6 +105,47 @@ def test_synthetic_gradient_converges_to_the_future_gradient():
     synthetic = synthetic_gradient(trace.weights, trace.bias, trace.carry)
     reference = _bptt_future_gradient(core, params, carry)
     assert float(jnp.linalg.norm(synthetic - reference) / jnp.linalg.norm(reference)) <= 1e-10
+
+
+@pytest.mark.x64
+def test_undiscounted_bias_follows_the_td_recursion_to_the_future_gradient():
+    """λ = 1 on a network at rest (h = 0, x = 0, contracting W = 0.8 · rotations) with the linear
+    loss ``gᵀ h_t``: every future loss has gradient ``g``, so the future gradient is the constant
+    ``f = Σ_{k≥1} (Wᵀ)^k g = (I - Wᵀ)^{-1} Wᵀ g``. A stays 0 (its update is ``e hᵀ``, h = 0) and b
+    follows the TD recursion ``b_t = f + (I - η (I - Wᵀ))^t (b_0 - f)`` exactly (checked at every
+    step, 1e-12), reaching BPTT's undiscounted future gradient (1e-10)."""
+    scale, rate, steps = 0.8, 0.5, 300
+    core = _rotation_core(scale)
+    w = _rotations(scale)
+    params = {"u": jnp.zeros((4, 1))}
+    g = np.array([1.0, -0.5, 0.25, 2.0])
+    future = np.linalg.solve(np.eye(4) - w.T, w.T @ g)
+    contraction = np.eye(4) - rate * (np.eye(4) - w.T)
+    # from b_0 = 0: b_t = f - C^t f after t observations
+    expected = np.stack([future - np.linalg.matrix_power(contraction, t) @ future for t in range(steps)])
+
+    estimator = dni(core, synthetic_learning_rate=rate, discount=1.0)
+    run = jit(
+        lambda: rtrl_jax.rollout(
+            estimator,
+            params,
+            jnp.zeros(4),
+            jnp.zeros((steps, 1)),
+            emit=lambda h, out, trace: trace.bias,
+            cotangent=lambda h, out: jnp.asarray(g),
+        )
+    )
+    _, trace, biases = run()
+    # emit runs before observe: the bias emitted at step t has seen t observations
+    np.testing.assert_allclose(np.asarray(biases), expected, rtol=0, atol=1e-12)
+    assert float(jnp.abs(trace.weights).max()) == 0.0
+
+    def future_loss(h, horizon=200):  # 0.8^200 < 1e-19
+        _, outs = jax.lax.scan(lambda h, x: core(params, h, x), h, jnp.zeros((horizon, 1)))
+        return jnp.sum(outs @ jnp.asarray(g))
+
+    reference = jax.grad(future_loss)(jnp.zeros(4))
+    assert float(jnp.linalg.norm(trace.bias - reference) / jnp.linalg.norm(reference)) <= 1e-10
 
 
 @pytest.mark.x64
