@@ -30,7 +30,15 @@ from rtrl_jax._src.eprop import EpropState, eprop, neuron_units
 from rtrl_jax._src.kernl import KeRNLState, kernl
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
-from rtrl_jax._src.layers import NNXOnlineRNN, OnlineRNN, OnlineState, StackedCell
+from rtrl_jax._src.layers import (
+    NNXOnlineRNN,
+    NNXStackedCell,
+    OnlineRNN,
+    OnlineState,
+    StackedCell,
+    apply_model,
+    split_model,
+)
 from rtrl_jax._src.memory import available_memory, parse_bytes, trace_bytes
 from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step, rollout
@@ -115,6 +123,7 @@ __all__ = [
     "LeakyRNNCell",
     "ModelTrainState",
     "NNXOnlineRNN",
+    "NNXStackedCell",
     "OKState",
     "OnlineRNN",
     "OnlineState",
@@ -137,6 +146,7 @@ __all__ = [
     "Task",
     "UOROState",
     "add_task",
+    "apply_model",
     "available_memory",
     "batch_sharding",
     "bptt_value_and_grad",
@@ -199,6 +209,7 @@ __all__ = [
     "snap_mask_from_patterns",
     "softmax_cross_entropy",
     "sparsity_patterns",
+    "split_model",
     "task_source",
     "tbptt",
     "trace_bytes",

@@ -470,3 +470,67 @@ def test_module_example_runs():
     with jax.enable_x64(False):
         exec(compile(code, "rtrl_jax/_src/layers.py", "exec"), namespace)  # noqa: S102
     assert np.isfinite(namespace["value"])
+
+
+def _nnx_simple_cell(core):
+    return {"dense_i": core["i"], "dense_h": core["h"]}
+
+
+class NNXStack(nnx.Module):
+    """``Stack((nn.SimpleCell(H), nn.SimpleCell(H)))`` in nnx: per-layer traces, or the encoder and
+    both cells as one :class:`~rtrl_jax.NNXStackedCell` core (``whole=True``)."""
+
+    def __init__(self, whole: bool):
+        kw = {"dtype": jnp.float64, "param_dtype": jnp.float64, "rngs": nnx.Rngs(0)}
+        layers = [nnx.Linear(IN, H, **kw), nnx.SimpleCell(H, H, **kw), nnx.SimpleCell(H, H, **kw)]
+        online = functools.partial(rj.NNXOnlineRNN, estimator="rtrl", batch_size=B, rngs=nnx.Rngs(1))
+        if whole:
+            self.rnns = nnx.List([online(rj.NNXStackedCell(layers))])
+        else:
+            self.encoder = layers[0]
+            self.rnns = nnx.List([online(cell) for cell in layers[1:]])
+        self.head = nnx.Linear(H, OUT, **kw)
+
+    def __call__(self, x):
+        h = self.encoder(x) if hasattr(self, "encoder") else x
+        for rnn in self.rnns:
+            h = rnn(h)
+        return self.head(h)
+
+    @staticmethod
+    def layout(params, whole: bool):
+        """The linen ``Stack``'s parameters (or gradients) in this model's layout."""
+        cells = [_nnx_simple_cell(params[f"rnn{i}"]["core"]) for i in range(2)]
+        if whole:
+            rnns = {0: {"cell": {"layers": {0: params["encoder"], 1: cells[0], 2: cells[1]}}}}
+            return {"rnns": rnns, "head": params["head"]}
+        rnns = {i: {"cell": cell} for i, cell in enumerate(cells)}
+        return {"encoder": params["encoder"], "rnns": rnns, "head": params["head"]}
+
+
+@pytest.fixture(scope="module")
+def simple_stack_references():
+    """A linen 2-layer SimpleCell ``Stack``'s parameters, data and reference gradients (cut, BPTT)."""
+    with jax.enable_x64(True):
+        model = Stack((nn.SimpleCell(H), nn.SimpleCell(H)))
+        xs, ys = data(8)
+        params = init(model, xs)["params"]
+        references = {cut: reference_grads(model, params, xs, ys, cut=cut) for cut in (True, False)}
+        return params, xs, ys, references
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["per-layer-traces", "stacked-cell"])
+def test_nnx_stack_equals_the_linen_references(simple_stack_references, whole):
+    # per-layer traces: BPTT with cross-layer paths cut; one stacked core under exact RTRL: BPTT
+    params, xs, ys, references = simple_stack_references
+    net = NNXStack(whole)
+    nnx.update(net, nnx.State(NNXStack.layout(params, whole)))
+
+    @nnx.jit
+    def step(net, x, y):
+        return nnx.grad(lambda net: step_loss(net(x), y))(net)
+
+    online = total([nnx.to_pure_dict(step(net, xs[t], ys[t])) for t in range(T)])
+    assert relative_error(online, NNXStack.layout(references[not whole], whole)) <= 1e-10
+    bptt_error = relative_error(online, NNXStack.layout(references[False], whole))
+    assert bptt_error <= 1e-10 if whole else bptt_error > 1e-4  # the cross-layer paths matter here

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import rtrl_jax as rj
 from rtrl_jax._src import tasks
@@ -14,15 +15,16 @@ from rtrl_jax._src.trainer import NonFiniteError, make_model_train_chunk, nonfin
 
 
 class OneLayer(nn.Module):
-    """One online GRU layer and a linear head: the model the core+head trainer trains."""
+    """One online layer (GRU unless told) and a linear head: the model the core+head trainer trains."""
 
     hidden: int
     outputs: int
     estimator: str = "rtrl"
+    cell_type: type = nn.GRUCell
 
     @nn.compact
     def __call__(self, x, reset):
-        h = rj.OnlineRNN(nn.GRUCell(self.hidden), self.estimator, name="rnn")(x, reset)
+        h = rj.OnlineRNN(self.cell_type(self.hidden), self.estimator, name="rnn")(x, reset)
         return nn.Dense(self.outputs, name="head")(h)
 
 
@@ -82,6 +84,53 @@ def test_one_layer_and_linear_head_reproduce_the_core_and_head_trainer():
     for a, b in zip(jax.tree.leaves(model_final.params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(model_final.online["online"]["rnn"]["carry"], final.carry, rtol=1e-12)
+
+
+class NNXOneLayer(nnx.Module):
+    """The nnx counterpart of ``OneLayer(cell_type=nn.SimpleCell)`` (float64)."""
+
+    def __init__(self, inputs, hidden, outputs, batch_size):
+        kw = {"dtype": jnp.float64, "param_dtype": jnp.float64, "rngs": nnx.Rngs(0)}
+        cell = nnx.SimpleCell(inputs, hidden, **kw)
+        self.rnn = rj.NNXOnlineRNN(cell, "rtrl", batch_size=batch_size, rngs=nnx.Rngs(1))
+        self.head = nnx.Linear(hidden, outputs, **kw)
+
+    def __call__(self, x, reset):
+        return self.head(self.rnn(x, reset))
+
+
+def _as_linen(params):
+    """An ``NNXOneLayer``'s parameters in the layout of ``OneLayer(cell_type=nn.SimpleCell)``."""
+    params = nnx.to_pure_dict(params)
+    cell = params["rnn"]["cell"]
+    return {"rnn": {"core": {"i": cell["dense_i"], "h": cell["dense_h"]}}, "head": params["head"]}
+
+
+@pytest.mark.x64
+def test_nnx_model_follows_the_linen_model_through_the_same_trainer():
+    # the copy task: per-stream episodes (resets) and a loss mask; MultiSteps(Adam) every 2 steps
+    task, hidden, batch, steps = tasks.copy_task(length=1), 3, 2, 9
+    optimizer = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)
+    stream = tasks.sample_batch(task, jax.random.PRNGKey(10), steps, batch)
+    net = NNXOneLayer(task.input_size, hidden, task.num_classes, batch)
+    nnx_state = rj.init_model_train_state(optimizer, net, batch_size=batch, key=jax.random.PRNGKey(11))
+    nnx_final, nnx_metrics = rj.train_model_online(net, optimizer, stream, nnx_state, chunk_size=steps)
+
+    model = OneLayer(hidden, task.num_classes, cell_type=nn.SimpleCell)
+    state = _model_state(model, optimizer, stream, jax.random.PRNGKey(11), jnp.float64)
+    params = _as_linen(nnx_state.params)
+    state = state._replace(params=params, opt_state=optimizer.init(params))
+    final, metrics = rj.train_model_online(model, optimizer, stream, state, chunk_size=steps)
+
+    assert metrics.weight.sum() > 0 and np.all(metrics.grad_norm[metrics.weight > 0] > 0)
+    for name in ("loss", "weight", "correct", "grad_norm"):
+        np.testing.assert_allclose(getattr(nnx_metrics, name), getattr(metrics, name), rtol=1e-12, atol=0)
+    for a, b in zip(jax.tree.leaves(_as_linen(nnx_final.params)), jax.tree.leaves(final.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    carry = nnx_final.online["rnn"]["carry"].get_value()
+    np.testing.assert_allclose(carry, final.online["online"]["rnn"]["carry"], rtol=1e-12)
+    nnx.update(net, nnx_final.params, nnx_final.online)  # the trained state back into the module
+    np.testing.assert_array_equal(net.head.bias.get_value(), nnx_final.params["head"]["bias"].get_value())
 
 
 @pytest.mark.slow  # 1500 steps of a 2-layer GRU model: about a minute on 2 CPU cores

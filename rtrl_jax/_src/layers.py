@@ -69,7 +69,7 @@ Example (linen; the nnx layer is :class:`NNXOnlineRNN`)::
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -225,6 +225,37 @@ def _is_recurrent(module: Any) -> bool:
     return hasattr(module, "initialize_carry")
 
 
+def _run_stack(layers: Sequence[Any], carry: tuple, x: jax.Array) -> tuple[tuple, jax.Array]:
+    """One step of a stack as one cell: each recurrent layer advances its carry, the others map."""
+    carries = iter(carry)
+    new = []
+    for layer in layers:
+        if _is_recurrent(layer):
+            layer_carry, x = layer(next(carries), x)
+            new.append(layer_carry)
+        else:
+            x = layer(x)
+    return tuple(new), x
+
+
+def _stack_carries(
+    name: str, layers: Sequence[Any], input_shape: tuple[int, ...], carry_and_output: Callable
+) -> tuple:
+    """The initial carries of a stack's recurrent layers, the running shape found layer by layer.
+
+    ``carry_and_output(layer, x_spec) -> (carry or None, output spec)``.
+    """
+    if not layers or not _is_recurrent(layers[-1]):
+        raise ValueError(f"{name}: the last layer must be a recurrent cell.")
+    carries = []
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    for layer in layers:
+        carry, x = carry_and_output(layer, x)
+        if carry is not None:
+            carries.append(carry)
+    return tuple(carries)
+
+
 def _output_spec(layer: Any, key: PRNGKey, *args: Any) -> Any:
     """The shapes and dtypes of ``layer(*args)`` (a linen module, initialised on the fly, or a function)."""
     if not isinstance(layer, nn.Module):
@@ -348,30 +379,20 @@ class StackedCell(nn.RNNCellBase):
     layers: Sequence[nn.Module]
 
     def __call__(self, carry: tuple, x: jax.Array) -> tuple[tuple, jax.Array]:
-        carries = iter(carry)
-        new = []
-        for layer in self.layers:
-            if _is_recurrent(layer):
-                layer_carry, x = layer(next(carries), x)
-                new.append(layer_carry)
-            else:
-                x = layer(x)
-        return tuple(new), x
+        return _run_stack(self.layers, carry, x)
 
     @nn.nowrap
     def initialize_carry(self, rng: PRNGKey, input_shape: tuple[int, ...]) -> tuple:
-        if not self.layers or not _is_recurrent(self.layers[-1]):
-            raise ValueError("StackedCell: the last layer must be a recurrent cell.")
-        carries = []
-        x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-        for layer in self.layers:
-            rng, key = jax.random.split(rng)
-            if _is_recurrent(layer):
-                carries.append(layer.initialize_carry(key, x.shape))
-                x = _output_spec(layer, key, carries[-1], x)[1]
-            else:
-                x = _output_spec(layer, key, x)
-        return tuple(carries)
+        keys = iter(jax.random.split(rng, len(self.layers)))
+
+        def carry_and_output(layer, x):
+            key = next(keys)
+            if not _is_recurrent(layer):
+                return None, _output_spec(layer, key, x)
+            carry = layer.initialize_carry(key, x.shape)
+            return carry, _output_spec(layer, key, carry, x)[1]
+
+        return _stack_carries("StackedCell", self.layers, input_shape, carry_and_output)
 
     @property
     def num_feature_axes(self) -> int:
@@ -438,7 +459,8 @@ class NNXOnlineRNN(nnx.Module):
         key = rngs() if online.needs_key else None
         self.key = OnlineState(key) if online.needs_key else None
         init_key = None if key is None else jax.random.fold_in(key, 0)
-        self.state = OnlineState(init_streams(online, params, batch_size, dtype, init_key))
+        carry, trace = init_streams(online, params, batch_size, dtype, init_key)
+        self.carry, self.trace = OnlineState(carry), OnlineState(trace)
 
     def __call__(self, x: jax.Array, reset: jax.Array | None = None) -> Output:
         _check_batched(self.name, x)
@@ -448,7 +470,99 @@ class NNXOnlineRNN(nnx.Module):
             next_key, key = jax.random.split(self.key.get_value())
             self.key.set_value(next_key)
         params = nnx.to_pure_dict(nnx.state(self.cell, nnx.Param))
-        carry, trace = self.state.get_value()
-        carry, out, trace = step_streams(online, params, trace, carry, x, reset, key)
-        self.state.set_value((carry, trace))
+        carry, out, trace = step_streams(
+            online, params, self.trace.get_value(), self.carry.get_value(), x, reset, key
+        )
+        self.carry.set_value(carry)
+        self.trace.set_value(trace)
         return out
+
+
+class NNXStackedCell(nnx.Module):
+    """Several nnx layers run in sequence within one step, as ONE recurrent cell.
+
+    The nnx counterpart of :class:`StackedCell`: recurrent cells (modules with
+    ``initialize_carry``) keep a carry each (the carry is the tuple of them), other modules
+    (``nnx.Linear``, ``nnx.LayerNorm``, functions) map the running value. In
+    :class:`NNXOnlineRNN`, one trace covers every parameter of the stack: with exact RTRL the
+    gradient is exact BPTT, cross-layer paths through time included, at the whole stack's cost
+    ``S²P``; an encoder folded in front of one recurrent cell gets its exact gradient this way.
+
+    Args:
+      layers: the modules, applied in order; the last one must be recurrent (the cell's output
+        is read off its carry).
+
+    Raises:
+      ValueError: when the last layer is not recurrent.
+
+    Example::
+
+        cell = NNXStackedCell([nnx.GRUCell(8, 16, rngs=rngs), nnx.GRUCell(16, 16, rngs=rngs)])
+        rnn = NNXOnlineRNN(cell, "rtrl", batch_size=4, rngs=rngs)
+    """
+
+    def __init__(self, layers: Sequence[Any]):
+        if not layers or not _is_recurrent(layers[-1]):
+            raise ValueError("NNXStackedCell: the last layer must be a recurrent cell.")
+        self.layers = nnx.List(layers)
+
+    def __call__(self, carry: tuple, x: jax.Array) -> tuple[tuple, jax.Array]:
+        return _run_stack(self.layers, carry, x)
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: nnx.Rngs) -> tuple:
+        def carry_and_output(layer, x):
+            if not _is_recurrent(layer):
+                return None, jax.eval_shape(layer, x)
+            carry = layer.initialize_carry(x.shape, rngs)
+            return carry, jax.eval_shape(lambda c, x: layer(c, x)[1], carry, x)
+
+        return _stack_carries("NNXStackedCell", self.layers, input_shape, carry_and_output)
+
+    @property
+    def in_features(self) -> int | None:
+        """The first layer's ``in_features`` (``None`` if it has none: pass ``input_size=``)."""
+        return getattr(self.layers[0], "in_features", None)
+
+
+def model_definition(model: nn.Module | nnx.Module | nnx.GraphDef) -> nn.Module | nnx.GraphDef:
+    """What a trainer keeps of a whole model: a linen module as it is, an nnx module's ``GraphDef``.
+
+    Both compare and hash by value, so a trainer's jitted step can be cached on them.
+    """
+    return nnx.graphdef(model) if isinstance(model, nnx.Module) else model
+
+
+def split_model(variables: Mapping[str, Any] | nnx.Module) -> tuple[Params, Any]:
+    """A whole model's ``(trainable parameters, online state)``.
+
+    Args:
+      variables: a linen model's variables (``model.init(...)``): ``"params"`` and the collections
+        that hold the carries and traces; or an nnx module, split into its ``nnx.Param`` state and
+        the rest (:class:`OnlineState`, rng counts, batch statistics).
+    """
+    if isinstance(variables, nnx.Module):
+        _, params, online = nnx.split(variables, nnx.Param, ...)
+        return params, online
+    return variables["params"], {name: value for name, value in variables.items() if name != "params"}
+
+
+def apply_model(
+    model: nn.Module | nnx.GraphDef,
+    params: Params,
+    online: Any,
+    x: Input,
+    reset: jax.Array,
+    rngs: Mapping[str, PRNGKey],
+) -> tuple[Output, Any]:
+    """One step of a whole model as a pure function: ``(outputs, new online state)``.
+
+    A linen model is applied with its online collections mutable and the rng streams ``rngs``; an
+    nnx model (its ``GraphDef``, :func:`model_definition`) is merged with ``params`` and ``online``,
+    called, and split again (it draws keys from its own ``nnx.Rngs`` and stored keys, not ``rngs``).
+    Either is called as ``model(x, reset)``.
+    """
+    if isinstance(model, nnx.GraphDef):
+        module = nnx.merge(model, params, online, copy=True)
+        out = module(x, reset)
+        return out, split_model(module)[1]
+    return model.apply({"params": params, **online}, x, reset, mutable=[*online], rngs=rngs)

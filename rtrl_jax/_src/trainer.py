@@ -14,12 +14,14 @@ Everything a run needs between steps is the :class:`OnlineTrainState` pytree, so
 ``jax.lax.scan`` and can be stopped and resumed between chunks.
 
 A whole Flax model trains the same way (:func:`make_model_train_step`, :func:`train_model_online`):
-a linen module with :class:`~rtrl_jax.OnlineRNN` layers (encoders, norms, residuals, any head) and
-any per-step loss. Its recurrent layers keep their carries and traces in the model's ``"online"``
-collection, which the :class:`ModelTrainState` carries between steps; ``jax.grad`` of the batch's
-step loss gives every parameter its online gradient (per-layer traces, gradients across layers at
-the current step: see :mod:`rtrl_jax._src.layers` for what that computes). Both kinds of step share
-the non-finite guard, the metrics and the jitted chunks.
+a linen module with :class:`~rtrl_jax.OnlineRNN` layers, or an nnx module with
+:class:`~rtrl_jax.NNXOnlineRNN` layers (encoders, norms, residuals, any head), and any per-step
+loss. Its recurrent layers keep their carries and traces in the model's ``"online"`` collection
+(nnx: its :class:`~rtrl_jax.OnlineState` variables), which the :class:`ModelTrainState` carries
+between steps; ``jax.grad`` of the batch's step loss gives every parameter its online gradient
+(per-layer traces, gradients across layers at the current step: see :mod:`rtrl_jax._src.layers`
+for what that computes). Both kinds of step share the non-finite guard, the metrics and the jitted
+chunks.
 
 Numerical guard: every step checks the loss, the gradient, the new carries and traces and the
 updated parameters for non-finite values. Under the default policy ``"skip"`` a bad step leaves the
@@ -40,9 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from rtrl_jax._src.base import Estimator, Params
 from rtrl_jax._src.cores import Core
+from rtrl_jax._src.layers import apply_model, model_definition, split_model
 from rtrl_jax._src.online import carry_cotangent
 from rtrl_jax._src.tasks import Source, Stream
 
@@ -374,7 +378,8 @@ def init_model_train_state(
       optimizer: the Optax transformation of the model's parameter gradients.
       variables: the model's variables, e.g. ``model.init(key, x0, reset0)`` for a first input
         ``x0`` of ``batch_size`` streams: ``"params"`` and the collections that hold the carries
-        and traces (``"online"``), leading axis ``batch_size``.
+        and traces (``"online"``), leading axis ``batch_size``; or an nnx model itself (its
+        ``nnx.Param`` state is ``params``, the rest ``online``: :func:`~rtrl_jax.split_model`).
       batch_size: the number of streams.
       key: the random key of the run (the rng streams :data:`MODEL_RNG_STREAMS` of every step).
 
@@ -383,8 +388,7 @@ def init_model_train_state(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    online = {name: value for name, value in variables.items() if name != "params"}
-    params = variables["params"]
+    params, online = split_model(variables)
     return ModelTrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -405,7 +409,7 @@ def _split_online(online: Any) -> tuple[list, list]:
 
 
 def make_model_train_step(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     optimizer: optax.GradientTransformation,
     *,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
@@ -413,15 +417,17 @@ def make_model_train_step(
 ) -> Callable[[ModelTrainState, Stream], tuple[ModelTrainState, StepMetrics]]:
     """One online step of a whole Flax model for a batch of streams.
 
-    The model is applied as ``model.apply({"params": params, **state.online}, x, reset,
-    mutable=[*state.online], rngs=...)``: ``x`` the step's inputs ``(batch, ...)`` and ``reset``
-    ``(batch,)`` booleans, the streams that start an episode at this step, which it passes to its
-    :class:`~rtrl_jax.OnlineRNN` layers. The gradient is ``jax.grad`` of the batch-mean weighted
+    A linen model is applied as ``model.apply({"params": params, **state.online}, x, reset,
+    mutable=[*state.online], rngs=...)``, an nnx model merged from its ``GraphDef``, ``params``
+    and ``state.online`` and called (:func:`~rtrl_jax.apply_model`): ``x`` the step's inputs
+    ``(batch, ...)`` and ``reset`` ``(batch,)`` booleans, the streams that start an episode at
+    this step, which it passes to its online layers. The gradient is ``jax.grad`` of the batch-mean weighted
     step loss ``Σ_b mask_b · loss_fn(out_b, target_b) / B``: each recurrent layer's parameters get
     their estimator's ``c_t · J_t``, everything else its current-step gradient.
 
     Args:
-      model: a linen module with online recurrent layers (``model(x, reset) -> outputs``).
+      model: a linen or nnx module with online recurrent layers (``model(x, reset) -> outputs``),
+        applied by :func:`~rtrl_jax.apply_model`.
       optimizer: any Optax transformation of the model's parameter gradients (``optax.MultiSteps``
         to update every ``k`` steps).
       loss_fn: ``(output, target) -> scalar`` loss of one step of one stream: classification,
@@ -434,6 +440,7 @@ def make_model_train_step(
       :class:`Stream` slice of one time step (leading axis batch). Pure; jit it or scan it.
     """
     _check_policy(nonfinite)
+    model = model_definition(model)
 
     def train_step(state: ModelTrainState, batch: Stream):
         batch_size = batch.reset.shape[0]
@@ -442,8 +449,7 @@ def make_model_train_step(
         reset = batch.reset | state.restart
 
         def batch_loss(params):
-            variables = {"params": params, **state.online}
-            out, online = model.apply(variables, batch.inputs, reset, mutable=[*state.online], rngs=rngs)
+            out, online = apply_model(model, params, state.online, batch.inputs, reset, rngs)
             loss = batch.mask * jax.vmap(loss_fn)(out, batch.targets)
             return jnp.sum(loss) / batch_size, (out, online, loss)
 
@@ -489,7 +495,7 @@ def make_train_chunk(
 
 
 def make_model_train_chunk(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     optimizer: optax.GradientTransformation,
     *,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
@@ -498,7 +504,7 @@ def make_model_train_chunk(
     """Many steps of :func:`make_model_train_step` in one jitted ``jax.lax.scan``, cached as
     :func:`make_train_chunk` (the model compared by value, the optimizer and loss by identity)."""
     options = {"loss_fn": loss_fn, "nonfinite": nonfinite}
-    return _chunk(make_model_train_step, (model, optimizer), options)
+    return _chunk(make_model_train_step, (model_definition(model), optimizer), options)
 
 
 def _chunk(make_step: Callable, arguments: tuple, options: dict[str, Any]) -> Callable:
@@ -632,7 +638,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def train_model_online(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     optimizer: optax.GradientTransformation,
     stream: Data,
     state: ModelTrainState,
@@ -652,7 +658,9 @@ def train_model_online(
     dtype; integer ones (tokens for ``nn.Embed``, labels) are kept.
 
     Args:
-      model: a linen module ``model(x, reset) -> outputs`` with online recurrent layers.
+      model: a linen or nnx module ``model(x, reset) -> outputs`` with online recurrent layers
+        (an nnx model is left as it is: ``nnx.update(model, state.params, state.online)`` puts
+        the trained state into it).
       optimizer: the Optax transformation the state was made with.
       stream: the data (:data:`Data`), leading axes (batch, time).
       state: a :class:`ModelTrainState` (:func:`init_model_train_state`).
