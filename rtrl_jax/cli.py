@@ -5,7 +5,9 @@
   ``model.*`` keys make a whole model of online layers). Ctrl-C or SIGTERM saves a checkpoint;
   ``rtrl-jax train --resume RUN_DIR`` continues the run from its newest good checkpoint.
 - ``rtrl-jax plot RUN_DIR``: PNG learning curves of a run folder.
-- ``rtrl-jax estimators``: the registered estimators and the cells each can serve.
+- ``rtrl-jax estimators``: the registered estimators, their options and the cells each can serve
+  (and the options a cell needs).
+- ``rtrl-jax config [CONFIG] [key=value ...]``: the train config with every default filled in.
 - ``rtrl-jax compare [CONFIG] [key=value ...] [--out DIR]``: gradient quality of estimators against
   an exact-RTRL shadow on one shared trajectory (JSON, markdown table, PNG).
 """
@@ -20,8 +22,8 @@ import sys
 from pathlib import Path
 
 from rtrl_jax import experiment
-from rtrl_jax._src.registry import registered
 from rtrl_jax.experiment import ConfigError
+from rtrl_jax.experiment.options import config_yaml, estimator_listing
 
 
 def _default_out(config: experiment.RunConfig) -> Path:
@@ -113,11 +115,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _estimators(args: argparse.Namespace) -> int:
     del args
-    cores = {name: experiment.build_core(experiment.ModelConfig(name, 4), 2) for name in experiment.CELLS}
-    for info in registered():
-        cells = [name for name, core in cores.items() if info.unsupported_reason(core) is None]
-        print(f"{info.name:10s} {info.summary}")
-        print(f"{'':10s} cells: {', '.join(cells) or 'none'}")
+    print(estimator_listing())
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(config_yaml(experiment.load_config(args.config, args.overrides)), end="")
     return 0
 
 
@@ -136,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     description = __doc__.split("\n\n")[0].replace(":mod:", "").replace("`", "")
     parser = argparse.ArgumentParser(prog="rtrl-jax", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run an online training job")
+    train = commands.add_parser(
+        "train",
+        help="run an online training job",
+        epilog="config keys and their defaults: rtrl-jax config; estimator and task options:"
+        " rtrl-jax estimators, docs/options.md",
+    )
     train.add_argument("config", nargs="?", help="a YAML config (default: the embedded one)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     train.add_argument("--out", help="run folder (default: runs/<time>-<task>-<estimator>)")
@@ -147,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", help="a run folder (with metrics.jsonl)")
     plot.add_argument("--out", help="the PNG (default: RUN_DIR/learning_curves.png)")
     plot.set_defaults(run=_plot)
-    estimators = commands.add_parser("estimators", help="list estimators and the cells they serve")
+    estimators = commands.add_parser(
+        "estimators", help="list estimators, their options and the cells they serve"
+    )
     estimators.set_defaults(run=_estimators)
+    config = commands.add_parser("config", help="print a train config with every default filled in")
+    config.add_argument("config", nargs="?", help="a YAML config (default: the embedded one)")
+    config.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    config.set_defaults(run=_config)
     compare = commands.add_parser("compare", help="gradient quality of estimators against exact RTRL")
     compare.add_argument("config", nargs="?", help="a YAML comparison config (default: the embedded one)")
     compare.add_argument("overrides", nargs="*", help="dotted key=value overrides")
