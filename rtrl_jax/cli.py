@@ -18,6 +18,8 @@ import argparse
 import datetime
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -177,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at exit
+        return status
     except ConfigError as error:
         print(f"rtrl-jax: invalid configuration: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader closed the pipe (`rtrl-jax estimators | head -1`): stop quietly. What is left
+        # in the buffer goes to /dev/null, so that flushing it at exit raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
