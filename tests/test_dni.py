@@ -79,7 +79,7 @@ def test_synthetic_gradient_converges_to_the_future_gradient():
     core = _rotation_core()
     params = {"u": jnp.zeros((4, 1))}
     target = _future_gradient_map()
-    estimator = dni(core, synthetic_learning_rate=0.5, discount=DISCOUNT)
+    estimator = dni(core, synthetic_learning_rate=1.0, discount=DISCOUNT)  # step 1 / (1 + ‖h‖²) = 0.5
     steps = 3000
 
     def emit(h, out, trace):
@@ -255,7 +255,7 @@ def test_options():
 @pytest.mark.slow
 def test_trainer_learns_add_task_with_dni():
     core = rtrl_jax.from_linen(rtrl_jax.LeakyRNNCell(16, tau=2.0), 2)
-    estimator = dni(core, synthetic_learning_rate=3e-3)
+    estimator = dni(core, synthetic_learning_rate=0.03)
     learned = add_task_loss(core, estimator)
     readout = add_task_loss(core, estimator, readout_only=True)
     no_memory = add_task_baselines()["no_memory"]

@@ -19,9 +19,11 @@ target (temporal-difference learning, with the later prediction standing in for 
 future)
 
     f*_{t-1} = (c_t + λ f̂_t) D_t,       e_t = f̂_{t-1} - f*_{t-1},
-    A ← A - η e_t h_{t-1}ᵀ,    b ← b - η e_t,
+    A ← A - η̃ e_t h_{t-1}ᵀ,    b ← b - η̃ e_t,      η̃ = η / (1 + ‖h_{t-1}‖²),
 
-one SGD step on ``½ ‖f̂_{t-1} - f*_{t-1}‖²`` with the target held fixed (learning rate ``η``). With
+one step on ``½ ‖f̂_{t-1} - f*_{t-1}‖²`` with the target held fixed: SGD normalised by the squared
+norm of the features ``[h_{t-1}; 1]`` (normalised LMS), so that one ``η`` serves carries of any
+scale (a spiking cell's voltages reach tens) and the regression alone is stable for ``0 < η < 2``. With
 ``λ = 1`` the fixed point is the future gradient itself: where ``f_t`` is an affine function of
 ``h_t`` (a linear network whose future inputs are independent of its past), ``f̂ = f`` makes every
 expected error zero. ``λ < 1`` learns the discounted future ``∂/∂h_t Σ_{k≥1} λ^{k-1} L_{t+k}``, a
@@ -99,7 +101,8 @@ def synthetic_gradient_update(
     target: jax.Array,
     learning_rate: float,
 ) -> SyntheticGradientUpdate:
-    """One SGD step of ``A``, ``b`` on ``½ ‖A h + b - f*‖²`` with the target ``f*`` held fixed.
+    """One normalised SGD step of ``A``, ``b`` on ``½ ‖A h + b - f*‖²``, the target ``f*`` held fixed:
+    the gradient step ``η / (1 + ‖h‖²)`` (normalised LMS on the features ``[h; 1]``).
 
     Args:
       weights: ``A`` ``(S, S)``.
@@ -112,9 +115,10 @@ def synthetic_gradient_update(
       :class:`SyntheticGradientUpdate` with the new ``A``, ``b`` and the loss before the step.
     """
     error = synthetic_gradient(weights, bias, carry) - target
+    step = learning_rate / (1 + jnp.sum(carry**2))
     return SyntheticGradientUpdate(
-        weights=weights - learning_rate * jnp.outer(error, carry),
-        bias=bias - learning_rate * error,
+        weights=weights - step * jnp.outer(error, carry),
+        bias=bias - step * error,
         loss=0.5 * jnp.sum(error**2),
     )
 
@@ -122,7 +126,7 @@ def synthetic_gradient_update(
 def dni(
     core: Any,
     *,
-    synthetic_learning_rate: float = 1e-3,
+    synthetic_learning_rate: float = 0.03,
     discount: float = 1.0,
     input_spec: jax.ShapeDtypeStruct | None = None,
 ) -> Estimator:
@@ -130,8 +134,9 @@ def dni(
 
     Args:
       core: a recurrent core for one stream.
-      synthetic_learning_rate: ``η``, the SGD learning rate of ``A`` and ``b`` (``0`` freezes them;
-        named apart from the model's learning rate, which configs and benchmarks also set).
+      synthetic_learning_rate: ``η``, the normalised learning rate of ``A`` and ``b`` (``0``
+        freezes them; named apart from the model's learning rate, which configs and benchmarks also
+        set).
       discount: ``λ ∈ [0, 1]``, the weight of the bootstrapped future in the target; ``1``
         predicts the whole future gradient.
       input_spec: shape and dtype of one input, for the stored input. Defaults to the
@@ -142,7 +147,7 @@ def dni(
       ``A`` and ``b`` from the step's cotangent.
 
     Example:
-      >>> est = dni(core, synthetic_learning_rate=1e-2)
+      >>> est = dni(core, synthetic_learning_rate=0.1)
       >>> carry, out, trace = est.step(trace, params, carry, x)
       >>> c = carry_cotangent(core, carry, jax.grad(loss)(out))
       >>> grads = est.grad(trace, params, c)          # (c + A h_t + b) · I_t
@@ -211,5 +216,5 @@ register(
     "dni",
     dni,
     summary="DNI: immediate Jacobian times the cotangent plus a learned synthetic future gradient",
-    example_options={"synthetic_learning_rate": 1e-2},
+    example_options={"synthetic_learning_rate": 0.1},
 )
