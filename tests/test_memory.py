@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import rtrl_jax as rj
-from rtrl_jax._src import tasks
+from rtrl_jax._src import snap, tasks
 from rtrl_jax._src.memory import format_bytes, tree_bytes
 from rtrl_jax._src.trainer import init_train_state, linear_head, make_train_step
 from rtrl_jax.cli import main
@@ -173,16 +173,22 @@ def test_from_linen_probes_a_cell_whose_output_is_a_value_of_its_own():
     assert jnp.array_equal(core.output(new_carry), out)
 
 
-def test_a_refused_run_never_initialises_the_model(recorded):
+def test_a_refused_run_never_initialises_the_model(recorded, monkeypatch):
     """The estimate and the refusal of exact RTRL on a large GRU cost shapes only: no call of the
-    cell on concrete arrays (neither its initialisation nor an output probe) is made."""
+    cell on concrete arrays (neither its initialisation nor an output probe), and no sparsity probe
+    of the large core (its probe points are arrays of the parameters' size)."""
+    probed = []
+    probe = snap._probe_patterns
+    monkeypatch.setattr(
+        snap, "_probe_patterns", lambda core, *a: probed.append(core.carry_size) or probe(core, *a)
+    )
     with pytest.raises(
         ConfigError, match=r"train.max_memory: the run needs about .* but train.max_memory is"
     ):
         build(load_config(None, ["model.hidden=256", "train.max_memory=64MB"]))
-    assert recorded.CONCRETE == []
-    small = build(load_config(None, ["model.hidden=4", "train.steps=10"]))  # the recorder records
-    assert small.core.name == "gru" and recorded.CONCRETE
+    assert recorded.CONCRETE == [] and 256 not in probed
+    small = build(load_config(None, ["model.hidden=4", "train.steps=10", "estimator=snap"]))
+    assert small.core.name == "gru" and recorded.CONCRETE and 4 in probed  # the recorders record
 
 
 def test_format_bytes():

@@ -268,7 +268,10 @@ def _check_memory(
         f" but {where} is {format_bytes(budget)}."
     )
     if core is not None:
-        fitting = _fitting_estimators(core, params, spec.train.batch_size, state_bytes - traces, budget)
+        stand_in = build_core(dataclasses.replace(spec.model, hidden=2), core.input_shape[-1])
+        fitting = _fitting_estimators(
+            core, stand_in, params, spec.train.batch_size, state_bytes - traces, budget
+        )
         message += f" Estimators that would fit: {', '.join(fitting) or 'none'}."
     message += " Lower model.hidden or train.batch_size, or raise train.max_memory (none: no limit)."
     raise ConfigError(message)
@@ -282,26 +285,36 @@ def _online_traces(online: Any) -> Any:
     ]
 
 
-def _fitting_estimators(core: Core, params: Any, batch_size: int, other_bytes: int, budget: int) -> list[str]:
+def _abstract_trace(name: str, options: Any, core: Core, params: Any) -> Any:
+    """The trace of estimator ``name`` on ``core``, built and initialised inside ``jax.eval_shape``
+    (shapes only); raises when its construction needs concrete values (a probed sparsity pattern)."""
+    carry = jax.eval_shape(lambda: core.initial_carry(jax.tree.leaves(params)[0].dtype))
+
+    def init(p, c):
+        return registry.make_estimator(name, core, **options).init(p, c, key=jax.random.PRNGKey(0))
+
+    return jax.eval_shape(init, params, carry)
+
+
+def _fitting_estimators(
+    core: Core, stand_in: Core, params: Any, batch_size: int, other_bytes: int, budget: int
+) -> list[str]:
     """The registered estimators (with their example options) whose run on ``core`` fits ``budget``.
 
-    Each is built and sized inside ``jax.eval_shape``, so nothing is allocated; one whose
-    construction needs concrete values (a probed sparsity pattern) cannot be sized and is left out.
+    Each is built and sized inside ``jax.eval_shape``, so nothing is allocated. One whose
+    construction needs concrete values (a probed sparsity pattern) cannot be sized and is left out;
+    ``stand_in``, a small core of the same cell, tells which those are, so that none of them probes
+    the large core (the probes allocate arrays of its parameters' size).
     """
-    carry = jax.eval_shape(lambda: core.initial_carry(jax.tree.leaves(params)[0].dtype))
     fitting = []
     for info in registry.registered():
         if info.unsupported_reason(core) is not None:
             continue
-
-        def size(p, c, info=info):
-            estimator = registry.make_estimator(info.name, core, **info.example_options)
-            return estimator.init(p, c, key=jax.random.PRNGKey(0))
-
         try:
-            traces = batch_size * tree_bytes(jax.eval_shape(size, params, carry))
+            _abstract_trace(info.name, info.example_options, stand_in, stand_in.params_spec)
         except Exception:  # noqa: BLE001 - an estimator that cannot be sized abstractly is not offered
             continue
+        traces = batch_size * tree_bytes(_abstract_trace(info.name, info.example_options, core, params))
         peak = PEAK_STATES * (other_bytes + traces)
         if peak <= budget:
             fitting.append(f"{info.name} (~{format_bytes(peak)})")
