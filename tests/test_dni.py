@@ -14,6 +14,7 @@ from online_learning import add_task_loss, online_grads
 
 import rtrl_jax
 from rtrl_jax._src.dni import dni, synthetic_gradient
+from rtrl_jax._src.layers import build_online_core
 from rtrl_jax._src.tasks import add_task_baselines
 
 # The programs here are small and compiled once: XLA's backend optimisation costs more than it saves.
@@ -261,3 +262,10 @@ def test_trainer_learns_add_task_with_dni():
     no_memory = add_task_baselines()["no_memory"]
     assert learned < no_memory - 0.04, (learned, no_memory)
     assert learned < readout - 0.02, (learned, readout)
+
+
+def test_online_layers_refuse_an_estimator_that_observes():
+    """A layer's drop-in step cannot show its trace the cotangent, so a layer refuses DNI by name."""
+    core = rtrl_jax.from_linen(nn.SimpleCell(3), 2)
+    with pytest.raises(ValueError, match=r"online layer 'rnn0': estimator 'dni' learns .*observe"):
+        build_online_core("rnn0", core, "dni", {})

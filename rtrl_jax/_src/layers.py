@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
-from rtrl_jax._src.base import Carry, Estimator, Input, Output, Params, PRNGKey, Trace
+from rtrl_jax._src.base import Carry, Estimator, Input, Output, Params, PRNGKey, Trace, no_observation
 from rtrl_jax._src.cores import Core, from_linen, from_nnx
 from rtrl_jax._src.online import online_step
 from rtrl_jax._src.registry import get_estimator_info, make_estimator
@@ -108,14 +108,20 @@ def build_online_core(layer: str, core: Core, estimator: str, options: Mapping[s
       options: the estimator's keyword options.
 
     Raises:
-      ValueError: naming ``layer``, for an unknown estimator or option, or a cell the estimator
-        cannot serve.
+      ValueError: naming ``layer``, for an unknown estimator or option, a cell the estimator
+        cannot serve, or an estimator that learns from the loss's cotangent (``observe``: DNI).
     """
     try:
         info = get_estimator_info(estimator)
         built = make_estimator(estimator, core, **dict(options))
     except ValueError as error:
         raise ValueError(f"online layer {layer!r}: {error}") from None
+    if built.observe is not no_observation:
+        raise ValueError(
+            f"online layer {layer!r}: estimator {estimator!r} learns from the step loss's cotangent"
+            " (Estimator.observe), which a layer's custom_vjp step cannot hand back to its trace;"
+            " train it as one core (rtrl_jax.make_train_step / train_online)."
+        )
     return OnlineCore(core, built, info.needs_key)
 
 
