@@ -15,7 +15,7 @@ import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -616,6 +616,14 @@ def _build_compare(spec: CompareConfig) -> CompareJob:
     return CompareJob(
         spec, task, core, estimators, rtrl(core), params, carry, head, head_params, stream, key_run, dtype
     )
+
+
+@overload
+def build(spec: RunConfig) -> Experiment: ...
+
+
+@overload
+def build(spec: CompareConfig) -> CompareJob: ...
 
 
 def build(spec: RunConfig | CompareConfig) -> Experiment | CompareJob:
