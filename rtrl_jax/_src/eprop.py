@@ -41,11 +41,12 @@ equal width, pass the units (``units=`` an array with one id per flat carry entr
 ``units="auto"`` / ``"entries"`` as for SnAp.
 
 **Feedback.** The estimator's ``grad`` contracts whatever cotangent it is given: the true
-``c_t = ∂L_t/∂h_t`` (:func:`rtrl_jax.online_grad`) is symmetric e-prop. Random e-prop is the
-same ``grad`` with a learning signal built by the caller with a fixed random matrix ``B`` in place
-of the readout's transpose, ``carry_bar = state(z=B (ŷ_t − y*_t), v=0, a=0)``; adaptive feedback
-is that plus the caller's update of ``B``. Neither is built in: the interface hands estimators
-``c_t``. The readout's own low-pass filter (``κ``) of the paper is likewise the head's business.
+``c_t = ∂L_t/∂h_t`` (:func:`rtrl_jax.online_grad`) is symmetric e-prop. Random and adaptive e-prop
+replace the readout's transpose in the learning signal by a feedback matrix ``B``,
+``L_t = B (∂L_t/∂y_t)``; that belongs to the readout, not to the trace:
+:func:`rtrl_jax.feedback_head` (``"random"``: ``B`` fixed; ``"adaptive"``: ``B`` takes the
+readout's update), which serves every estimator alike. The readout's own low-pass filter (``κ``)
+of the paper is likewise the head's business and is not modelled.
 
 **Cost.** A step is one forward pass, one ``vjp`` per colour of ``I``'s rows and one ``jvp`` per
 colour of the within-neuron entries of ``D`` (one for LIF without autapses; up to ``n`` for ALIF,

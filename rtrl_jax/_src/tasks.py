@@ -245,6 +245,83 @@ def add_task(t1: int = 5, t2: int = 9) -> Task:
     return Task(f"add(t1={t1},t2={t2})", 2, 2, sample, False, window)
 
 
+def evidence_task(
+    num_cues: int = 3,
+    cue_steps: int = 4,
+    gap_steps: int = 4,
+    delay_steps: int = 10,
+    recall_steps: int = 4,
+    channels: int = 4,
+    rate: float = 0.5,
+    noise_rate: float = 0.05,
+) -> Task:
+    """Evidence accumulation with spike-train inputs (Bellec et al. 2020, after Morcos & Harvey 2016).
+
+    An episode shows ``num_cues`` cues, each on the left or the right side with probability ½ for
+    ``cue_steps`` steps followed by ``gap_steps`` silent steps, then ``delay_steps`` silent steps,
+    then a recall cue for ``recall_steps`` steps during which the target is the side that had more
+    cues (``num_cues`` is odd, so there is no tie); only the recall steps carry a loss. The input
+    has four groups of ``channels`` channels: left cues, right cues, the recall cue and background
+    noise; a channel of an active group spikes (input 1) with probability ``rate`` per step, a
+    noise channel with probability ``noise_rate`` at every step. Episodes follow each other in the
+    stream, each starting with a reset. Chance is ``log 2`` nats per recall step; remembering only
+    the last cue is right with probability ``½ + C(n−1, (n−1)/2) / 2ⁿ`` (0.75 for 3 cues).
+
+    ``sample`` and ``window`` agree (``sample(key, T)`` is ``window(key, 0, T)``).
+
+    Args:
+      num_cues: cues per episode (odd).
+      cue_steps: steps a cue lasts.
+      gap_steps: silent steps after each cue.
+      delay_steps: silent steps between the last cue's gap and the recall cue.
+      recall_steps: steps of the recall cue (the decision steps).
+      channels: input channels per group (the input has ``4 * channels`` features).
+      rate: spike probability per step of a channel of an active group.
+      noise_rate: spike probability per step of a background channel.
+
+    Reference: G. Bellec et al., Nature Communications 11:3625, 2020, arXiv:1901.09049 (Fig. 3).
+    """
+    for name, value in (("num_cues", num_cues), ("cue_steps", cue_steps), ("recall_steps", recall_steps)):
+        _check_positive(f"evidence {name}", value)
+    _check_positive("evidence channels", channels)
+    for name, value in (("gap_steps", gap_steps), ("delay_steps", delay_steps)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(f"evidence {name} must be a non-negative integer, got {value!r}.")
+    if num_cues % 2 == 0:
+        raise ValueError(f"evidence num_cues must be odd (no ties), got {num_cues}.")
+    for name, value in (("rate", rate), ("noise_rate", noise_rate)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"evidence {name} must be a probability in [0, 1], got {value!r}.")
+    period = cue_steps + gap_steps
+    recall_start = num_cues * period + delay_steps
+    episode = recall_start + recall_steps
+
+    def window_step(key, step):
+        episode_index, phase = jnp.divmod(step, episode)
+        episode_key = jax.random.fold_in(key, episode_index)
+        sides = jax.random.bernoulli(jax.random.fold_in(episode_key, 0), 0.5, (num_cues,))
+        cue, within = jnp.divmod(phase, period)
+        cue_on = (cue < num_cues) & (within < cue_steps)
+        right = sides[jnp.minimum(cue, num_cues - 1)]
+        recall = phase >= recall_start
+        active = jnp.stack([cue_on & ~right, cue_on & right, recall])
+        rates = jnp.concatenate([jnp.repeat(rate * active, channels), jnp.full((channels,), noise_rate)])
+        uniform = jax.random.uniform(jax.random.fold_in(episode_key, 1 + phase), (4 * channels,))
+        inputs = (uniform < rates).astype(jnp.float32)
+        majority = (2 * jnp.sum(sides) > num_cues).astype(jnp.int32)
+        targets = jax.nn.one_hot(majority, 2, dtype=jnp.float32) * recall
+        return Stream(inputs, targets, recall.astype(jnp.float32), phase == 0)
+
+    def window(key, start, num_steps):
+        return jax.vmap(window_step, in_axes=(None, 0))(key, start + jnp.arange(num_steps))
+
+    def sample(key, num_steps):
+        return window(key, 0, num_steps)
+
+    name = f"evidence(num_cues={num_cues},delay_steps={delay_steps})"
+    return Task(name, 4 * channels, 2, sample, True, window)
+
+
 def add_task_baselines(t1: int = 5, t2: int = 9) -> dict[str, float]:
     """Expected cross-entropy of the add task for predictors that know no lag, lag ``t1``, or both.
 

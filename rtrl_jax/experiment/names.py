@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 
 from rtrl_jax._src import cells, spiking
-from rtrl_jax._src.tasks import Task, add_task, copy_task
+from rtrl_jax._src.tasks import Task, add_task, copy_task, evidence_task
 from rtrl_jax._src.text import char_task
 from rtrl_jax._src.trainer import NONFINITE_POLICIES
 
@@ -33,7 +33,12 @@ CELLS: dict[str, Callable[[int], Any]] = {
 }
 """``model.cell`` names: ``make(hidden) -> linen cell``."""
 
-TASKS: dict[str, Callable[..., Task]] = {"copy": copy_task, "add": add_task, "char": char_task}
+TASKS: dict[str, Callable[..., Task]] = {
+    "copy": copy_task,
+    "add": add_task,
+    "char": char_task,
+    "evidence": evidence_task,
+}
 """``task`` names: ``make(**task_options) -> Task``."""
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
