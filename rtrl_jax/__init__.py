@@ -27,6 +27,7 @@ from rtrl_jax._src.compare import (
 from rtrl_jax._src.cores import Core, cast_floating, from_function, from_linen, from_nnx
 from rtrl_jax._src.dni import DNIState, dni
 from rtrl_jax._src.eprop import EpropState, eprop, neuron_units
+from rtrl_jax._src.feedback import feedback_head
 from rtrl_jax._src.kernl import KeRNLState, kernl
 from rtrl_jax._src.kf_rtrl import KFRTRLState, kf_merge, kf_rtrl
 from rtrl_jax._src.kronecker import KroneckerState
@@ -79,7 +80,16 @@ from rtrl_jax._src.snap import (
     sparsity_patterns,
 )
 from rtrl_jax._src.spiking import ALIFCell, ALIFState, LIFCell, LIFState
-from rtrl_jax._src.tasks import Source, Stream, Task, add_task, copy_task, sample_batch, task_source
+from rtrl_jax._src.tasks import (
+    Source,
+    Stream,
+    Task,
+    add_task,
+    copy_task,
+    evidence_task,
+    sample_batch,
+    task_source,
+)
 from rtrl_jax._src.tbptt import TBPTTState, bptt_value_and_grad, tbptt, unroll
 from rtrl_jax._src.trace_dtype import with_trace_dtype
 from rtrl_jax._src.train_state import RecurrentTrainState
@@ -159,6 +169,8 @@ __all__ = [
     "eprop",
     "estimator_options",
     "estimators_for",
+    "evidence_task",
+    "feedback_head",
     "find_units",
     "flatten_core",
     "from_function",
