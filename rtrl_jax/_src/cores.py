@@ -183,8 +183,9 @@ def _find_output(apply: CoreFn, params: Params, carry: Carry, x: Input, name: st
 def _random_like(key: PRNGKey, tree: Any) -> Any:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, max(len(leaves), 1))
-    return treedef.unflatten(
-        [jax.random.normal(k, jnp.shape(a), jnp.result_type(a)) for k, a in zip(keys, leaves, strict=False)]
+    return jax.tree.unflatten(
+        treedef,
+        [jax.random.normal(k, jnp.shape(a), jnp.result_type(a)) for k, a in zip(keys, leaves, strict=False)],
     )
 
 

@@ -91,15 +91,15 @@ def neuron_units(core: Any, *, num_probes: int = 3, seed: int = 0) -> np.ndarray
     patterns = sparsity_patterns(core, num_probes=num_probes, seed=seed)
     size = patterns.immediate.shape[0]
     moved = (np.diff(patterns.immediate.indptr) > 0) | (np.diff(patterns.dynamics.indptr) > 0)
-    keys = []
+    key_rows = []
     for leaf in jax.tree.leaves(core.carry_spec):
         shape = tuple(leaf.shape)
         if not shape:
-            keys.append(np.full((1, 2), -1, np.int64))
+            key_rows.append(np.full((1, 2), -1, np.int64))
             continue
         index = np.broadcast_to(np.arange(shape[-1]), shape).ravel()
-        keys.append(np.stack([np.full(index.size, shape[-1]), index], axis=1))
-    keys = np.concatenate(keys) if keys else np.zeros((0, 2), np.int64)
+        key_rows.append(np.stack([np.full(index.size, shape[-1]), index], axis=1))
+    keys = np.concatenate(key_rows) if key_rows else np.zeros((0, 2), np.int64)
     _, feature = np.unique(keys, axis=0, return_inverse=True)
     feature = np.where(moved & (keys[:, 0] >= 0), feature.ravel(), -1)
     # entries of one feature are linked to its first entry; entries that a parameter moves together too

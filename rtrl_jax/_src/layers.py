@@ -571,4 +571,4 @@ def apply_model(
         module = nnx.merge(model, params, online, copy=True)
         out = module(x, reset)
         return out, split_model(module)[1]
-    return model.apply({"params": params, **online}, x, reset, mutable=[*online], rngs=rngs)
+    return model.apply({"params": params, **online}, x, reset, mutable=[*online], rngs=dict(rngs))

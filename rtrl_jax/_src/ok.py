@@ -36,6 +36,8 @@ Approximation of Real Time Recurrent Learning", ICML 2019, arXiv:1902.03993.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -73,7 +75,8 @@ def _combine(coefficients: jax.Array, rows: jax.Array) -> jax.Array:
     """``coefficientsᵀ @ rows`` for a handful of long rows (``(k, r)``, ``(k, M)`` -> ``(r, M)``),
     written as ``k`` scaled sums: one streaming pass over the rows, where a dot with inner size
     ``k`` would run far below the memory rate on CPU."""
-    return sum(coefficients[i][:, None] * rows[i][None, :] for i in range(rows.shape[0]))
+    terms = (coefficients[i][:, None] * rows[i][None, :] for i in range(rows.shape[0]))
+    return functools.reduce(jnp.add, terms)
 
 
 def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:

@@ -112,13 +112,13 @@ def _pattern(layout: SnapLayout, units: np.ndarray) -> _Pattern:
     size = layout.num_carry
     counts = np.bincount(layout.cols, minlength=layout.num_params)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    first, second = [], []
+    first_parts, second_parts = [], []
     for count in np.unique(counts[counts > 0]):
         entries = starts[counts == count][:, None] + np.arange(count)[None]  # (columns, count)
-        first.append(np.repeat(entries, count, axis=1).ravel())
-        second.append(np.tile(entries, (1, count)).ravel())
-    first = np.concatenate(first) if first else np.zeros(0, np.int64)
-    second = np.concatenate(second) if second else np.zeros(0, np.int64)
+        first_parts.append(np.repeat(entries, count, axis=1).ravel())
+        second_parts.append(np.tile(entries, (1, count)).ravel())
+    first = np.concatenate(first_parts) if first_parts else np.zeros(0, np.int64)
+    second = np.concatenate(second_parts) if second_parts else np.zeros(0, np.int64)
     return _Pattern(
         rows=layout.rows,
         cols=layout.cols,

@@ -575,7 +575,7 @@ def _rows_per_leaf(rows: np.ndarray, params: Any) -> Any:
             if np.array_equal(leaf_rows, np.broadcast_to(first, leaf_rows.shape)):
                 leaf_rows = first
         compact.append(leaf_rows)
-    return treedef.unflatten(compact)
+    return jax.tree.unflatten(treedef, compact)
 
 
 def _read_rows(vector: jax.Array, leaf_rows: np.ndarray) -> jax.Array:

@@ -185,6 +185,7 @@ class _SpikingCell(nn.RNNCellBase):
             param_dtype=self.param_dtype,
             name="input",
         )(inputs)
+        recurrent: nn.Module
         if self.self_connections:
             recurrent = nn.Dense(
                 self.features,

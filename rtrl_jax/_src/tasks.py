@@ -289,9 +289,9 @@ def evidence_task(
             raise ValueError(f"evidence {name} must be a non-negative integer, got {value!r}.")
     if num_cues % 2 == 0:
         raise ValueError(f"evidence num_cues must be odd (no ties), got {num_cues}.")
-    for name, value in (("rate", rate), ("noise_rate", noise_rate)):
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"evidence {name} must be a probability in [0, 1], got {value!r}.")
+    for name, probability in (("rate", rate), ("noise_rate", noise_rate)):
+        if not 0.0 <= float(probability) <= 1.0:
+            raise ValueError(f"evidence {name} must be a probability in [0, 1], got {probability!r}.")
     period = cue_steps + gap_steps
     recall_start = num_cues * period + delay_steps
     episode = recall_start + recall_steps

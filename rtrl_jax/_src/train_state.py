@@ -40,7 +40,9 @@ class RecurrentTrainState(train_state.TrainState):
     estimator: Estimator = struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, *, apply_fn, params, tx, estimator: Estimator, carry=None, key=None, **kwargs):
+    def create(  # type: ignore[override]  # TrainState.create plus the estimator it needs
+        cls, *, apply_fn, params, tx, estimator: Estimator, carry=None, key=None, **kwargs
+    ):
         """A fresh state: the optimizer initialised on ``params`` and a fresh trace for ``carry``.
 
         Args:

@@ -226,7 +226,7 @@ def from_data(cls: type, data: Any, prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             values[name] = from_data(tp, value, f"{key}.")
         else:
             values[name] = _check_type(key, value, tp)
