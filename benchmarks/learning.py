@@ -14,12 +14,19 @@ optimizers and readouts come from the experiment layer's build pieces (:mod:`rtr
   estimator against the task's baselines.
 - ``copy_curriculum``: the copy task whose length grows by one whenever the mean recall loss over a
   check interval falls below a threshold; the length reached in a fixed step budget, over seeds.
-- ``char_lm``: character-level language modelling of a text file; validation bits per character.
+- ``char_lm``: character-level language modelling of a text file (a contiguous tail held out);
+  validation bits per character, learning curves against characters seen.
+
+A config may carry several scales (``scales: {cpu: ..., paper: ...}``, chosen with ``scale=NAME``;
+``cpu`` by default): ``cpu`` is sized for a 2-core machine, ``paper`` follows the papers' sizes and
+budgets for an accelerator. Every table reports the benchmark's own speed (training steps per
+second, each a step of every stream of the batch, compilation excluded) and seconds per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -72,15 +79,18 @@ def influence_balancing_core(n: int = 23, num_plus: int = 10, theta: float = 0.5
     return core, params, carry
 
 
-_SPEC_KEYS = ("estimator", "label", "learning_rate")  # per-estimator keys that are not estimator options
+# per-estimator keys that are not estimator options: ``hidden`` runs that estimator at another
+# size than the config's (exact RTRL at the largest size its cost allows).
+_SPEC_KEYS = ("estimator", "label", "learning_rate", "hidden")
 
 
 def _estimator_label(spec: dict) -> str:
     options = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
     if "label" in spec:
         return spec["label"]
+    hidden = f" hidden={spec['hidden']}" if "hidden" in spec else ""
     lr = f" lr={spec['learning_rate']}" if "learning_rate" in spec else ""
-    return spec["estimator"] + "".join(f" {k}={v}" for k, v in options.items()) + lr
+    return spec["estimator"] + "".join(f" {k}={v}" for k, v in options.items()) + hidden + lr
 
 
 def _make(spec: dict, core: Core):
@@ -142,43 +152,112 @@ def _thin(values: np.ndarray, points: int = 200) -> list[float]:
     return [float(x) if np.isfinite(x) else None for x in out]
 
 
+class _Machinery(NamedTuple):
+    """What every seed of one (sizes, estimator, optimizer, rate) setting shares."""
+
+    core: Core
+    estimator: Any
+    optimizer: Any
+    head: Any
+    chunk: Callable
+    evaluate: Callable
+
+
+@functools.cache
+def _machinery(setting: str) -> _Machinery:
+    """The core, estimator, optimizer, head and jitted functions of ``setting`` (a JSON string of
+    ``cfg``'s model and optimizer keys, the spec, the input and class counts), built once so that
+    further seeds and rates reuse the compiled chunk."""
+    s = json.loads(setting)
+    model = ModelConfig(cell=s["cell"], hidden=s["hidden"], dtype=s["dtype"])
+    core = build_core(model, s["input_size"], key="cell")
+    estimator = _make(s["spec"], core)
+    optimizer = build_optimizer(s["optimizer"], s["learning_rate"], clip=s["clip"], key="optimizer")
+    head, _ = init_head(jax.random.PRNGKey(0), core, s["num_classes"], jnp.dtype(s["dtype"]))
+    chunk = make_train_chunk(core, estimator, optimizer, head=head)
+    return _Machinery(core, estimator, optimizer, head, chunk, _bpc_evaluator(core, head, s["num_classes"]))
+
+
 class _Learner:
-    """A core, an estimator, a head and one jitted chunk of the online trainer."""
+    """A core, an estimator, a head and one jitted chunk of the online trainer.
+
+    ``steps`` counts the training steps taken (each one step of every stream of the batch) and
+    ``timed_s`` the seconds they took, the first chunk (which compiles) left out once a later chunk
+    is timed: ``steps_per_s`` is the benchmark's own speed.
+    """
 
     def __init__(self, cfg: dict, spec: dict, input_size: int, num_classes: int, seed: int):
         dtype = enable_dtype(cfg["dtype"], key="dtype")
-        model = ModelConfig(cell=cfg["cell"], hidden=cfg["hidden"], dtype=cfg["dtype"])
-        self.core = build_core(model, input_size, key="cell")
-        self.estimator = _make(spec, self.core)
-        optimizer = build_optimizer(
-            cfg["optimizer"],
-            spec.get("learning_rate", cfg["learning_rate"]),
-            clip=cfg["clip"],
-            key="optimizer",
+        setting = {key: cfg[key] for key in ("cell", "hidden", "dtype", "optimizer", "learning_rate", "clip")}
+        setting.update(
+            hidden=spec.get("hidden", cfg["hidden"]),
+            learning_rate=spec.get("learning_rate", cfg["learning_rate"]),
+            spec={k: v for k, v in spec.items() if k not in ("hidden", "learning_rate")},
+            input_size=input_size,
+            num_classes=num_classes,
         )
+        self.parts = _machinery(json.dumps(setting, sort_keys=True))
         key_core, key_head, key_state = jax.random.split(jax.random.PRNGKey(seed), 3)
-        params, _ = self.core.init(key_core, dtype)
-        self.head, head_params = init_head(key_head, self.core, num_classes, dtype)
+        params, _ = self.parts.core.init(key_core, dtype)
+        _, head_params = init_head(key_head, self.parts.core, num_classes, dtype)
         self.state = init_train_state(
-            self.core,
-            self.estimator,
-            optimizer,
+            self.parts.core,
+            self.parts.estimator,
+            self.parts.optimizer,
             params,
             head_params,
             batch_size=cfg["batch_size"],
             key=key_state,
         )
-        self.chunk = make_train_chunk(self.core, self.estimator, optimizer, head=self.head)
         self.dtype = dtype
+        self.calls, self.steps, self.timed_steps, self.timed_s = 0, 0, 0, 0.0
 
     def train(self, stream: tasks.Stream) -> np.ndarray:
         """Trains over ``stream`` (batch, time); returns the per-step mean loss."""
         stream = stream._replace(
             inputs=stream.inputs.astype(self.dtype), targets=stream.targets.astype(self.dtype)
         )
-        self.state, metrics = self.chunk(self.state, stream)
+        start = time.perf_counter()
+        self.state, metrics = self.parts.chunk(self.state, stream)
         loss, weight = np.asarray(metrics.loss), np.asarray(metrics.weight)
+        seconds, steps = time.perf_counter() - start, int(loss.shape[0])
+        if self.calls == 1:  # the first chunk compiled: time from the second on
+            self.timed_steps, self.timed_s = 0, 0.0
+        self.calls, self.steps = self.calls + 1, self.steps + steps
+        self.timed_steps, self.timed_s = self.timed_steps + steps, self.timed_s + seconds
         return np.where(weight > 0, loss / np.maximum(weight, 1e-30), np.nan)
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.timed_steps / max(self.timed_s, 1e-12)
+
+
+def _rates(cfg: dict, spec: dict) -> list[float]:
+    """The learning rates ``spec`` runs at: its own, else the config's sweep, else its one rate."""
+    if "learning_rate" in spec:
+        return [spec["learning_rate"]]
+    return list(cfg["learning_rates"]) or [cfg["learning_rate"]]
+
+
+def _sweep_then_seeds(
+    cfg: dict, spec: dict, run_seed: Callable[[dict, int], dict], loss: Callable[[dict], float]
+) -> tuple[float, list[dict], dict[str, float]]:
+    """Runs ``spec`` at every rate of :func:`_rates` on seed 0, then seeds ``1 .. seeds-1`` at the
+    rate whose seed-0 run has the lowest ``loss`` (non-finite counts as worst).
+
+    Returns:
+      ``(best rate, the runs at it (one per seed), {rate: seed-0 loss})``.
+    """
+    first = {rate: run_seed({**spec, "learning_rate": rate}, 0) for rate in _rates(cfg, spec)}
+    sweep = {str(rate): loss(run) for rate, run in first.items()}
+    best = min(first, key=lambda rate: sweep[str(rate)] if np.isfinite(sweep[str(rate)]) else np.inf)
+    others = [run_seed({**spec, "learning_rate": best}, seed) for seed in range(1, cfg["seeds"])]
+    return best, [first[best], *others], sweep
+
+
+def _collect(runs: list[dict]) -> dict[str, list]:
+    """Per-seed runs (dicts of the same keys) as one dict of per-seed lists."""
+    return {key: [run[key] for run in runs] for key in runs[0]}
 
 
 def run_add(cfg: dict) -> dict:
@@ -195,13 +274,8 @@ def run_add(cfg: dict) -> dict:
     ]
     rows, sweep = {}, {}
     for spec in cfg["estimators"]:
-        rates = (
-            [spec["learning_rate"]]
-            if "learning_rate" in spec
-            else cfg["learning_rates"] or [cfg["learning_rate"]]
-        )
         label = _estimator_label(spec)
-        for rate in rates:
+        for rate in _rates(cfg, spec):
             entry = {"learning_rate": rate, "final_loss": [], "wall_s": [], "curves": []}
             for seed, stream in enumerate(streams):
                 learner = _Learner(
@@ -226,87 +300,165 @@ def run_add(cfg: dict) -> dict:
 
 
 def run_copy_curriculum(cfg: dict) -> dict:
-    """The copy task with a length curriculum; the length reached after ``steps`` steps."""
-    rows = {}
+    """The copy task with a length curriculum; the length reached after ``steps`` steps.
+
+    Each estimator runs at every rate of ``learning_rates`` on seed 0 and the remaining seeds at
+    the rate that reached the longest length there (:func:`_sweep_then_seeds`).
+    """
     task0 = tasks.copy_task(1, cfg["num_symbols"])
-    for seed in range(cfg["seeds"]):
-        for spec in cfg["estimators"]:
-            label = _estimator_label(spec)
-            learner = _Learner(cfg, spec, task0.input_size, task0.num_classes, seed)
-            length, lengths, losses = cfg["start_length"], [], []
-            key = jax.random.PRNGKey(2000 + seed)
-            for _ in range(0, cfg["steps"], cfg["check_every"]):
-                key, sub = jax.random.split(key)
-                task = tasks.copy_task(length, cfg["num_symbols"])
-                loss = learner.train(tasks.sample_batch(task, sub, cfg["check_every"], cfg["batch_size"]))
-                mean = float(np.nanmean(loss)) if np.any(np.isfinite(loss)) else float("nan")
-                losses.append(mean)
-                lengths.append(length)
-                if mean < cfg["threshold"]:
-                    length += 1
-            entry = rows.setdefault(label, {"length_reached": [], "length_curves": [], "loss_curves": []})
-            entry["length_reached"].append(int(max(lengths) if lengths else length))
-            entry["length_curves"].append(lengths)
-            entry["loss_curves"].append(losses)
+
+    def run_seed(spec: dict, seed: int) -> dict:
+        learner = _Learner(cfg, spec, task0.input_size, task0.num_classes, seed)
+        length, lengths, losses = cfg["start_length"], [], []
+        key = jax.random.PRNGKey(2000 + seed)
+        start = time.perf_counter()
+        for _ in range(0, cfg["steps"], cfg["check_every"]):
+            key, sub = jax.random.split(key)
+            task = tasks.copy_task(length, cfg["num_symbols"])
+            loss = learner.train(tasks.sample_batch(task, sub, cfg["check_every"], cfg["batch_size"]))
+            mean = float(np.nanmean(loss)) if np.any(np.isfinite(loss)) else float("nan")
+            losses.append(mean)
+            lengths.append(length)
+            if mean < cfg["threshold"]:
+                length += 1
+        return {
+            "length_reached": int(max(lengths) if lengths else length),
+            "length_curves": lengths,
+            "loss_curves": losses,
+            "steps_per_s": learner.steps_per_s,
+            "wall_s": time.perf_counter() - start,
+        }
+
+    rows = {}
+    for spec in cfg["estimators"]:
+        rate, runs, sweep = _sweep_then_seeds(cfg, spec, run_seed, lambda run: -run["length_reached"])
+        rows[_estimator_label(spec)] = {
+            "learning_rate": rate,
+            "sweep_length": {k: -v for k, v in sweep.items()},
+            **_collect(runs),
+        }
     return {"results": rows}
 
 
-def run_char_lm(cfg: dict) -> dict:
-    """Character-level language modelling; validation bits per character of each estimator."""
+class _CharData(NamedTuple):
+    """The corpus split for the char-LM benchmark: character ids of each part, the vocabulary size."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    vocab_size: int
+
+
+def _char_data(cfg: dict) -> _CharData:
+    """Reads ``text`` and holds out its last ``valid_fraction`` (a contiguous tail) for validation.
+
+    The vocabulary is that of the whole text (the file's characters, sorted), so that a character
+    met only in the tail still has an input and an output unit.
+    """
     try:
         chars = load_text(Path(cfg["text"]).expanduser(), max_chars=cfg["max_chars"])
     except TextDataError as error:
         raise ConfigError(f"text: {error} Pass text=PATH to a text file.") from None
-    vocab = vocabulary(chars).chars
-    data = vocabulary(chars).encode(chars)
-    n_valid = cfg["valid_chars"]
-    if len(data) < n_valid + cfg["steps"] + 2:
+    vocab = vocabulary(chars)
+    data = vocab.encode(chars)
+    if not 0 < cfg["valid_fraction"] < 1:
+        raise ConfigError(f"valid_fraction: must be between 0 and 1, got {cfg['valid_fraction']!r}.")
+    n_valid = int(round(len(data) * cfg["valid_fraction"]))
+    if n_valid < 2 * cfg["valid_streams"] or len(data) - n_valid < cfg["batch_size"] + 1:
         raise ConfigError(
-            f"text: {cfg['text']!r} has {len(data)} characters, fewer than valid_chars + steps + 2."
+            f"text: {cfg['text']!r} has {len(data)} characters, too few for valid_fraction ="
+            f" {cfg['valid_fraction']}, valid_streams = {cfg['valid_streams']} and batch_size ="
+            f" {cfg['batch_size']}."
         )
-    train_ids, valid_ids = data[:-n_valid], data[-n_valid:]
-    size = len(vocab)
+    return _CharData(data[:-n_valid], data[-n_valid:], len(vocab.chars))
+
+
+def _char_chunk(ids: np.ndarray, offsets: np.ndarray, start: int, length: int, size: int) -> tasks.Stream:
+    """Steps ``start .. start+length-1`` of the streams reading ``ids`` from ``offsets`` on.
+
+    Stream ``b`` reads ``ids[(offsets[b] + t) % len(ids)]`` at step ``t`` and predicts the next one;
+    its carry and trace reset at its first step and where it wraps to the start of the text.
+    """
+    positions = (offsets[:, None] + start + np.arange(length + 1)) % len(ids)
+    stream = char_stream(ids[positions], size)
+    reset = (positions[:, :-1] == 0) | ((start + np.arange(length)) == 0)
+    return stream._replace(reset=jnp.asarray(reset))
+
+
+def run_char_lm(cfg: dict) -> dict:
+    """Character-level language modelling; validation bits per character of each estimator.
+
+    ``batch_size`` streams read the training part contiguously, starting at evenly spaced offsets
+    (shifted by a seed's random amount), one character per step; the carry runs on across chunks,
+    so a stream sees unbroken text. ``steps · batch_size`` characters are read; while that is less
+    than the training part no character is read twice, and the training loss of each step is
+    measured before the update it causes (an online, held-out estimate: the curves). At the end
+    the validation part is read by ``valid_streams`` contiguous segments, each from a zero carry.
+    Each estimator runs at every rate of ``learning_rates`` on seed 0 and the remaining seeds at
+    the rate with the lowest validation bits/char there (:func:`_sweep_then_seeds`).
+    """
+    data = _char_data(cfg)
+    size = data.vocab_size
+    segment = len(data.valid) // cfg["valid_streams"]
+    valid = data.valid[: segment * cfg["valid_streams"]].reshape(cfg["valid_streams"], segment)
+
+    def run_seed(spec: dict, seed: int) -> dict:
+        learner = _Learner(cfg, spec, size, size, seed)
+        shift = np.random.default_rng(3000 + seed).integers(len(data.train))
+        offsets = (np.arange(cfg["batch_size"]) * len(data.train) // cfg["batch_size"] + shift) % len(
+            data.train
+        )
+        start_time = time.perf_counter()
+        loss = np.concatenate(
+            [
+                learner.train(_char_chunk(data.train, offsets, b, min(cfg["chunk"], cfg["steps"] - b), size))
+                for b in range(0, cfg["steps"], cfg["chunk"])
+            ]
+        )
+        return {
+            "valid_bpc": float(learner.parts.evaluate(learner.state.params, jnp.asarray(valid))),
+            "train_bpc_curves": _thin(loss / np.log(2.0)),
+            "steps_per_s": learner.steps_per_s,
+            "wall_s": time.perf_counter() - start_time,
+        }
+
     rows = {}
-    for seed in range(cfg["seeds"]):
-        rng = np.random.default_rng(3000 + seed)
-        starts = rng.integers(0, len(train_ids) - cfg["steps"] - 1, cfg["batch_size"])
-        ids = np.stack([train_ids[s : s + cfg["steps"] + 1] for s in starts])
-        stream = char_stream(ids, size)
-        valid = char_stream(valid_ids[None, :], size)
-        for spec in cfg["estimators"]:
-            label = _estimator_label(spec)
-            learner = _Learner(cfg, spec, size, size, seed)
-            loss = np.concatenate(
-                [
-                    learner.train(jax.tree.map(lambda a, b=b: a[:, b : b + cfg["chunk"]], stream))
-                    for b in range(0, cfg["steps"], cfg["chunk"])
-                ]
-            )
-            bpc = _evaluate_bpc(learner, valid)
-            entry = rows.setdefault(label, {"valid_bpc": [], "train_bpc_curves": []})
-            entry["valid_bpc"].append(bpc)
-            entry["train_bpc_curves"].append(_thin(loss / np.log(2.0)))
-    return {"vocab_size": size, "unigram_bpc": _unigram_bpc(train_ids, valid_ids, size), "results": rows}
+    for spec in cfg["estimators"]:
+        rate, runs, sweep = _sweep_then_seeds(cfg, spec, run_seed, lambda run: run["valid_bpc"])
+        rows[_estimator_label(spec)] = {
+            "hidden": spec.get("hidden", cfg["hidden"]),
+            "learning_rate": rate,
+            "sweep_valid_bpc": sweep,
+            **_collect(runs),
+        }
+    return {
+        "vocab_size": size,
+        "train_chars": len(data.train),
+        "valid_chars": int(valid.size),
+        "unigram_bpc": _unigram_bpc(data.train, data.valid, size),
+        "results": rows,
+    }
 
 
-def _evaluate_bpc(learner: _Learner, valid: tasks.Stream) -> float:
-    """Bits per character of the trained core and head on ``valid``, from a zero carry."""
-    core, params = learner.core, learner.state.params
+def _bpc_evaluator(core: Core, head: Any, size: int) -> Callable:
+    """``evaluate(params, ids) -> bits/char`` of ``core`` and ``head`` on the id segments ``ids``
+    (segments, time), each read from a zero carry; every prediction of a next character counts once."""
 
     @jax.jit
-    def evaluate(inputs, targets):
-        carry = core.initial_carry(learner.dtype)
+    def evaluate(params, ids):
+        dtype = jax.tree.leaves(params["head"])[0].dtype
 
         def body(carry, step):
-            x, y = step
-            carry, out = core.apply(params["core"], carry, x)
-            logits = learner.head.apply(params["head"], out)
+            x, y = (jax.nn.one_hot(i, size, dtype=dtype) for i in step)
+            carry, out = jax.vmap(core.apply, in_axes=(None, 0, 0))(params["core"], carry, x)
+            logits = jax.vmap(head.apply, in_axes=(None, 0))(params["head"], out)
             return carry, -jnp.sum(y * jax.nn.log_softmax(logits))
 
-        _, nll = jax.lax.scan(body, carry, (inputs.astype(learner.dtype), targets.astype(learner.dtype)))
-        return jnp.mean(nll) / jnp.log(2.0)
+        zero = core.initial_carry(dtype)
+        carry = jax.tree.map(lambda c: jnp.broadcast_to(c, (ids.shape[0], *c.shape)), zero)
+        _, nll = jax.lax.scan(body, carry, (ids[:, :-1].T, ids[:, 1:].T))
+        return jnp.sum(nll) / (ids.shape[0] * (ids.shape[1] - 1)) / jnp.log(2.0)
 
-    return float(evaluate(valid.inputs[0], valid.targets[0]))
+    return evaluate
 
 
 def _unigram_bpc(train_ids: np.ndarray, valid_ids: np.ndarray, size: int) -> float:
@@ -332,18 +484,34 @@ _TRAINER_DEFAULTS = {
 
 
 def load_benchmark_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Reads a benchmark YAML (key ``benchmark:``), applies ``key=value`` overrides, fills defaults."""
+    """Reads a benchmark YAML (key ``benchmark:``), picks its scale, applies ``key=value`` overrides,
+    fills defaults.
+
+    A config may hold ``scales: {cpu: {...}, paper: {...}}``: the keys of the chosen scale (``scale:``
+    in the file or as an override; ``cpu`` by default) replace the top-level ones, and the overrides
+    replace both. ``cfg["scale"]`` names the scale used.
+    """
     data = read_yaml(path)
+    given = {}
     for text in overrides:
         key, value = parse_override(text)
         if len(key) != 1:
             raise ConfigError(f"override {text!r}: benchmark configs are flat (key=value).")
-        data[key[0]] = value
+        given[key[0]] = value
+    scales = data.pop("scales", {})
+    scale = given.get("scale", data.get("scale", "cpu"))
+    if scales or scale != "cpu":
+        if not isinstance(scales, dict) or scale not in scales or not isinstance(scales[scale], dict):
+            names = ", ".join(scales) if isinstance(scales, dict) and scales else "none"
+            raise ConfigError(f"scale: {scale!r} is not a scale of {path} (its scales: {names}).")
+        data.update(scales[scale])
+    data.update(given)
+    data["scale"] = scale
     name = data.get("benchmark")
     if name not in BENCHMARKS:
         raise ConfigError(f"benchmark: {name!r} is not one of {', '.join(BENCHMARKS)}.")
     defaults = BENCHMARKS[name].defaults
-    unknown = sorted(set(data) - set(defaults) - {"benchmark"})
+    unknown = sorted(set(data) - set(defaults) - {"benchmark", "scale"})
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} for benchmark {name}; allowed: {', '.join(defaults)}.")
     cfg = {**defaults, **data}
@@ -385,20 +553,38 @@ def _add_table(result: dict) -> str:
     return "".join(lines)
 
 
+def _speed(r: dict) -> str:
+    return f"{np.mean(r['steps_per_s']):.0f} | {np.mean(r['wall_s']):.0f}"
+
+
 def _copy_curriculum_table(result: dict) -> str:
-    lines = ["| estimator | length reached (mean) | per seed |\n|---|---|---|\n"]
+    lines = [
+        "| estimator | learning rate | length reached (mean ± sd over seeds) | per seed | steps/s | s/run"
+        " | length at each rate (seed 0) |\n|---|---|---|---|---|---|---|\n"
+    ]
     for label, r in result["results"].items():
-        lines.append(f"| {label} | {np.mean(r['length_reached']):.2f} | {r['length_reached']} |\n")
+        rates = ", ".join(f"{k}: {v}" for k, v in r["sweep_length"].items())
+        lines.append(
+            f"| {label} | {r['learning_rate']} | {np.mean(r['length_reached']):.2f} ±"
+            f" {np.std(r['length_reached']):.2f} | {r['length_reached']} | {_speed(r)} | {rates} |\n"
+        )
     return "".join(lines)
 
 
 def _char_lm_table(result: dict) -> str:
     lines = [
-        f"Unigram baseline: {result['unigram_bpc']:.3f} bits/char (vocabulary {result['vocab_size']}).\n\n"
-        "| estimator | validation bits/char (mean ± sd over seeds) |\n|---|---|\n"
+        f"Unigram baseline: {result['unigram_bpc']:.3f} bits/char (vocabulary {result['vocab_size']};"
+        f" {result['train_chars']} training, {result['valid_chars']} validation characters).\n\n"
+        "| estimator | hidden | learning rate | validation bits/char (mean ± sd over seeds) | per seed"
+        " | steps/s | s/run | bits/char at each rate (seed 0) |\n|---|---|---|---|---|---|---|---|\n"
     ]
     for label, r in result["results"].items():
-        lines.append(f"| {label} | {np.mean(r['valid_bpc']):.4f} ± {np.std(r['valid_bpc']):.4f} |\n")
+        seeds = ", ".join(f"{v:.3f}" for v in r["valid_bpc"])
+        rates = ", ".join(f"{k}: {v:.3f}" for k, v in r["sweep_valid_bpc"].items())
+        lines.append(
+            f"| {label} | {r['hidden']} | {r['learning_rate']} | {np.mean(r['valid_bpc']):.4f} ±"
+            f" {np.std(r['valid_bpc']):.4f} | {seeds} | {_speed(r)} | {rates} |\n"
+        )
     return "".join(lines)
 
 
@@ -417,6 +603,20 @@ def _no_decoration(ax: Any, result: dict) -> None:
     del ax, result
 
 
+def _budget_fraction(cfg: dict, points: int) -> tuple[np.ndarray, str]:
+    del cfg
+    return np.linspace(0, 1, points), "fraction of the step budget"
+
+
+def _steps_checked(cfg: dict, points: int) -> tuple[np.ndarray, str]:
+    return cfg["check_every"] * np.arange(1, points + 1), "training steps"
+
+
+def _characters_seen(cfg: dict, points: int) -> tuple[np.ndarray, str]:
+    block = max(1, cfg["steps"] // points)  # the blocks of _thin
+    return block * cfg["batch_size"] * np.arange(1, points + 1), "training characters seen (all streams)"
+
+
 class Benchmark(NamedTuple):
     """A learning benchmark.
 
@@ -427,6 +627,7 @@ class Benchmark(NamedTuple):
       curves: the key of each estimator's learning curves in its result.
       ylabel: the curves' quantity.
       decorate: ``(axes, result) -> None``: what the plot adds to the curves.
+      x_axis: ``(cfg, points) -> (x values, label)`` of a curve of ``points`` values.
     """
 
     defaults: dict[str, Any]
@@ -435,6 +636,7 @@ class Benchmark(NamedTuple):
     curves: str
     ylabel: str
     decorate: Callable[[Any, dict], None] = _no_decoration
+    x_axis: Callable[[dict, int], tuple[np.ndarray, str]] = _budget_fraction
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -476,57 +678,70 @@ BENCHMARKS: dict[str, Benchmark] = {
             "start_length": 1,
             "threshold": 0.15,
             "check_every": 100,
+            "learning_rates": [],
             "estimators": [{"estimator": "rtrl"}],
         },
         run=run_copy_curriculum,
         table=_copy_curriculum_table,
         curves="length_curves",
         ylabel="copy length",
+        x_axis=_steps_checked,
     ),
     "char_lm": Benchmark(
         defaults={
             **_TRAINER_DEFAULTS,
             "text": "",
-            "max_chars": 200000,
-            "valid_chars": 5000,
+            "max_chars": None,
+            "valid_fraction": 0.1,
+            "valid_streams": 16,
+            "learning_rates": [],
             "estimators": [{"estimator": "rtrl"}],
         },
         run=run_char_lm,
         table=_char_lm_table,
         curves="train_bpc_curves",
-        ylabel="training bits/char",
+        ylabel="online training bits/char (before each update)",
+        x_axis=_characters_seen,
     ),
 }
 
 
-def _plot(name: str, result: dict, path: Path) -> None:
+def _plot(document: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name = document["benchmark"]
     benchmark = BENCHMARKS[name]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, r in result["results"].items():
+    for label, r in document["results"].items():
         curves = [np.array([np.nan if v is None else v for v in c], np.float64) for c in r[benchmark.curves]]
         size = min(len(c) for c in curves)
         with warnings.catch_warnings():  # all-NaN columns after a divergence
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(np.stack([c[:size] for c in curves]), axis=0)
-        ax.plot(np.linspace(0, 1, size), mean, label=label)
-    benchmark.decorate(ax, result)
-    ax.set_xlabel("fraction of the step budget")
+        x, xlabel = benchmark.x_axis(document["config"], size)
+        ax.plot(x, mean, label=label)
+    benchmark.decorate(ax, document)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(benchmark.ylabel)
-    ax.set_title(f"{name}: learning curves (mean over seeds)")
+    ax.set_title(f"{name} ({document['config']['scale']} scale): learning curves (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def output_stem(cfg: dict) -> str:
+    """The outputs' file name without suffix: the benchmark's name, ``_<scale>`` added but for ``cpu``."""
+    return cfg["benchmark"] if cfg["scale"] == "cpu" else f"{cfg['benchmark']}_{cfg['scale']}"
+
+
 def run_benchmark(cfg: dict, out_dir: str | Path) -> dict:
-    """Runs the benchmark of ``cfg`` and writes ``<name>.json``, ``<name>.md`` and ``<name>.png``."""
-    name = cfg["benchmark"]
+    """Runs the benchmark of ``cfg`` and writes ``<stem>.json``, ``<stem>.md`` and ``<stem>.png``
+    (:func:`output_stem`)."""
+    name, stem = cfg["benchmark"], output_stem(cfg)
     enable_dtype(cfg["dtype"], key="dtype")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -541,9 +756,9 @@ def run_benchmark(cfg: dict, out_dir: str | Path) -> dict:
         "wall_s": time.perf_counter() - start,
         **result,
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
-    (out_dir / f"{name}.md").write_text(BENCHMARKS[name].table(result))
-    _plot(name, result, out_dir / f"{name}.png")
+    (out_dir / f"{stem}.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
+    (out_dir / f"{stem}.md").write_text(BENCHMARKS[name].table(result))
+    _plot(document, out_dir / f"{stem}.png")
     return document
 
 
@@ -558,11 +773,11 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"learning.py: invalid configuration: {error}", file=sys.stderr)
         return 2
-    name = document["benchmark"]
-    print((Path(args.out) / f"{name}.md").read_text())
+    stem = output_stem(document["config"])
+    print((Path(args.out) / f"{stem}.md").read_text())
     print(
         f"{document['device']}, jax {document['jax_version']}, {document['wall_s']:.0f} s;"
-        f" wrote {args.out}/{name}.json, .md, .png"
+        f" wrote {args.out}/{stem}.json, .md, .png"
     )
     return 0
 

@@ -14,7 +14,7 @@ from rtrl_jax.experiment import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from learning import influence_balancing_core, load_benchmark_config, run_benchmark  # noqa: E402
+from learning import _char_chunk, influence_balancing_core, load_benchmark_config, run_benchmark  # noqa: E402
 
 
 def test_influence_balancing_core_has_the_papers_fixed_point(x64):
@@ -65,6 +65,7 @@ def test_influence_balancing_exact_rtrl_converges_and_short_truncation_goes_the_
                 "seeds=2",
                 "batch_size=2",
                 "threshold=10.0",
+                "learning_rates=[0.01]",
                 "estimators=[{estimator: kf}]",
             ],
         ),
@@ -81,11 +82,71 @@ def test_benchmarks_write_json_table_and_plot(tmp_path, name, overrides):
         assert doc["results"]["uoro lr=0.001"]["learning_rate"] == 0.001
     else:  # threshold above any loss: the length grows by one at every check
         assert doc["results"]["kf"]["length_reached"] == [3, 3]
+        assert all(s > 0 for s in doc["results"]["kf"]["steps_per_s"])
+
+
+def _tiny_text(tmp_path: Path) -> Path:
+    text = tmp_path / "tiny.txt"
+    text.write_text("the cat sat on the mat. " * 80)
+    return text
+
+
+TINY = {  # a few steps of every benchmark with scales, whatever the scale's sizes
+    "char_lm": ["steps=6", "chunk=3", "hidden=3", "batch_size=2", "valid_streams=2", "seeds=2"],
+    "copy_curriculum": ["steps=6", "check_every=3", "hidden=3", "batch_size=2", "seeds=2"],
+}
+
+
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_both_scales_load_and_run_a_few_steps(tmp_path, name, scale):
+    cpu = load_benchmark_config(CONFIGS / f"bench_{name}.yaml")
+    cfg = load_benchmark_config(CONFIGS / f"bench_{name}.yaml", [f"scale={scale}"])
+    assert cfg["scale"] == scale and len(cfg["learning_rates"]) >= 2 and cfg["seeds"] >= 3
+    if scale == "cpu":  # the sizes the cpu-scale tables promise
+        assert cfg["hidden"] >= (128 if name == "char_lm" else 64) and cfg["batch_size"] > 1
+    else:
+        assert cfg["hidden"] > cpu["hidden"] and cfg["steps"] > cpu["steps"]
+    # the scale's first estimator at a tiny size, two swept rates, a few steps
+    estimators = [{k: v for k, v in cfg["estimators"][0].items() if k != "hidden"}]
+    extra = [f"text={_tiny_text(tmp_path)}"] if name == "char_lm" else []
+    tiny = [f"scale={scale}", *TINY[name], *extra, f"estimators={estimators}", "learning_rates=[0.01, 0.003]"]
+    doc = run_benchmark(load_benchmark_config(CONFIGS / f"bench_{name}.yaml", tiny), tmp_path)
+    stem = name if scale == "cpu" else f"{name}_paper"
+    assert json.loads((tmp_path / f"{stem}.json").read_text())["config"]["scale"] == scale
+    assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    for row in doc["results"].values():  # seed 0 at both rates, then seed 1 at the better one
+        sweep = row["sweep_valid_bpc" if name == "char_lm" else "sweep_length"]
+        assert set(sweep) == {"0.01", "0.003"} and str(row["learning_rate"]) in sweep
+        assert len(row["wall_s"]) == 2 and all(s > 0 for s in row["steps_per_s"])
+
+
+def test_char_lm_streams_read_the_text_contiguously_across_chunks_and_reset_where_they_wrap():
+    ids = np.arange(10) % 4  # a 10-character text over 4 symbols
+    offsets = np.array([0, 7])
+    chunks = [_char_chunk(ids, offsets, start, 3, 4) for start in (0, 3, 6)]
+    inputs = np.concatenate([np.argmax(c.inputs, -1) for c in chunks], axis=1)
+    targets = np.concatenate([np.argmax(c.targets, -1) for c in chunks], axis=1)
+    reset = np.concatenate([np.asarray(c.reset) for c in chunks], axis=1)
+    positions = (offsets[:, None] + np.arange(9)) % 10
+    np.testing.assert_array_equal(inputs, ids[positions])
+    np.testing.assert_array_equal(targets, ids[(positions + 1) % 10])
+    # stream 0 starts at position 0; stream 1 starts at 7 and wraps to position 0 at step 3
+    np.testing.assert_array_equal(np.flatnonzero(reset[0]), [0])
+    np.testing.assert_array_equal(np.flatnonzero(reset[1]), [0, 3])
+
+
+def test_scales_are_checked():
+    with pytest.raises(ConfigError, match="scale: 'gpu' is not a scale of .*cpu, paper"):
+        load_benchmark_config(CONFIGS / "bench_char_lm.yaml", ["scale=gpu"])
+    with pytest.raises(ConfigError, match="its scales: none"):
+        load_benchmark_config(CONFIGS / "bench_add.yaml", ["scale=paper"])
+    # an override wins over the scale's value
+    assert load_benchmark_config(CONFIGS / "bench_char_lm.yaml", ["scale=paper", "hidden=7"])["hidden"] == 7
 
 
 def test_char_lm_reads_any_text_file_and_reports_bits_per_character(tmp_path):
-    text = tmp_path / "tiny.txt"
-    text.write_text("the cat sat on the mat. " * 80)
+    text = _tiny_text(tmp_path)
     out = tmp_path / "out"
     code = subprocess.run(
         [
@@ -95,9 +156,13 @@ def test_char_lm_reads_any_text_file_and_reports_bits_per_character(tmp_path):
             f"text={text}",
             "steps=100",
             "chunk=50",
-            "valid_chars=300",
+            "valid_fraction=0.2",
+            "valid_streams=4",
             "hidden=4",
             "batch_size=2",
+            "seeds=1",
+            "learning_rates=[]",
+            "learning_rate=0.01",
             "estimators=[{estimator: tbptt, window: 5}, {estimator: uoro}]",
             "--out",
             str(out),
@@ -109,14 +174,19 @@ def test_char_lm_reads_any_text_file_and_reports_bits_per_character(tmp_path):
     assert code.returncode == 0, code.stderr
     doc = json.loads((out / "char_lm.json").read_text())
     assert doc["vocab_size"] == len(set("the cat sat on the mat. "))
+    assert doc["train_chars"] == 1920 - 384 and doc["valid_chars"] == 384  # the last 20%, 4 segments
     bpc = doc["results"]["tbptt window=5"]["valid_bpc"][0]
     assert np.isfinite(bpc) and 0 < bpc < 2 * np.log2(doc["vocab_size"])
     assert (out / "char_lm.png").exists() and "bits/char" in (out / "char_lm.md").read_text()
 
 
+LEARNING_CONFIGS = ("add", "char_lm", "copy_curriculum", "influence_balancing")
+
+
 def test_benchmark_configs_are_checked(tmp_path):
-    for path in sorted(CONFIGS.glob("bench_*.yaml")):
-        load_benchmark_config(path)
+    for name in LEARNING_CONFIGS:
+        for scale in ("cpu", "paper") if name in TINY else ("cpu",):
+            load_benchmark_config(CONFIGS / f"bench_{name}.yaml", [f"scale={scale}"])
     with pytest.raises(ConfigError, match="unknown key 'nope'"):
         load_benchmark_config(CONFIGS / "bench_add.yaml", ["nope=1"])
     with pytest.raises(ConfigError, match="does not exist"):
