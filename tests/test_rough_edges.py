@@ -12,12 +12,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
 import rtrl_jax as rj
 from rtrl_jax._src import tasks
-from rtrl_jax._src.trainer import init_train_state, linear_head, train_online
+from rtrl_jax._src.trainer import StepMetrics, init_train_state, linear_head, train_online
 from rtrl_jax.cli import build_parser, main
 from rtrl_jax.experiment import (
     Checkpointer,
@@ -28,6 +29,7 @@ from rtrl_jax.experiment import (
     plot_run,
     run_training,
 )
+from rtrl_jax.experiment.run import metric_rows, write_metrics
 
 SMALL = ["task=add", "model.hidden=4", "train.batch_size=2", "train.steps=20", "train.chunk_size=10"]
 
@@ -149,10 +151,23 @@ def _png_height(path: Path) -> int:
     return struct.unpack(">I", path.read_bytes()[20:24])[0]
 
 
+@pytest.mark.parametrize("hard_targets, panels", [(False, 2), (True, 3)])
+def test_soft_targets_record_no_accuracy_and_plot_no_accuracy_panel(tmp_path, hard_targets, panels):
+    assert not rj.add_task().hard_targets and rj.copy_task().hard_targets
+    ones = np.ones(4)
+    metrics = StepMetrics(
+        loss=ones, weight=2 * ones, correct=ones, grad_norm=ones, nonfinite=np.zeros(4, int)
+    )
+    rows = metric_rows(metrics, 0, hard_targets=hard_targets)
+    assert [row["accuracy"] for row in rows] == [0.5 if hard_targets else None] * 4
+    write_metrics(tmp_path, rows, fresh=True)
+    assert _png_height(plot_run(tmp_path)) == round(panels * 2.4 * 110)  # 2.4 inches a panel, 110 dpi
+
+
 @pytest.mark.slow
 def test_progress_bar_shows_the_runs_rate_and_a_resume_starts_at_its_step(tmp_path, capsys):
-    """The add task (soft targets) records no accuracy and its plot has no accuracy panel; the bar
-    shows the run's steps/s only and, on --resume, starts at the restored step."""
+    """The bar shows the run's steps/s only and, on --resume, starts at the restored step; the add
+    task (soft targets) records no accuracy."""
     out = tmp_path / "cut"
 
     def interrupt(steps_done, info):
@@ -167,12 +182,6 @@ def test_progress_bar_shows_the_runs_rate_and_a_resume_starts_at_its_step(tmp_pa
     assert frames and frames[0].lstrip().startswith("50%") and "10/20" in frames[0], frames
     assert "20/20" in frames[-1] and "loss=" in frames[-1]
     assert not re.search(r"(step|it)/s[^=]", bar) and "<" not in bar, bar  # no tqdm rate, no time left
-
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 21))
     assert all(row["accuracy"] is None for row in rows)
-    assert _png_height(plot_run(out)) == round(2 * 2.4 * 110)  # loss and gradient norm only
-    for row in rows:
-        row["accuracy"] = 0.5
-    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert _png_height(plot_run(out)) == round(3 * 2.4 * 110)  # with hard targets: accuracy too
