@@ -59,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
         f" batch={config.train.batch_size} -> {out_dir}{' (resume)' if args.resume else ''}",
         flush=True,
     )
-    print(built.memory.describe(), flush=True)
+    if built.memory is not None:
+        print(built.memory.describe(), flush=True)
     # the bar shows the run's own steps/s (compiling excluded), not tqdm's rate and time left; it
     # starts at the step the run starts from (a resumed run's checkpoint)
     bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"

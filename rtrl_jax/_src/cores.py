@@ -35,7 +35,7 @@ def _describe(tree: Any) -> str:
 
 
 def _same_structure_and_shapes(tree: Any, spec: Any) -> bool:
-    if jax.tree.structure(tree) != jax.tree.structure(spec):
+    if jax.tree.structure(tree) != jax.tree.structure(spec):  # type: ignore[operator]  # jaxlib: no stub
         return False
     return all(
         tuple(jnp.shape(a)) == tuple(s.shape)
@@ -165,7 +165,7 @@ def _find_output(apply: CoreFn, params: Params, carry: Carry, x: Input, name: st
     new_carry, out = apply(params, carry, x)
     leaves = jax.tree.leaves(new_carry)
     treedef = jax.tree.structure(new_carry)
-    if jax.tree.structure(out) == treedef and all(
+    if jax.tree.structure(out) == treedef and all(  # type: ignore[operator]  # jaxlib: no stub
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), leaves, strict=True)
     ):
         return lambda c: c
@@ -312,7 +312,7 @@ def from_nnx(cell: Any, input_size: int | None = None, *, name: str | None = Non
         if input_size is None:
             raise ValueError(f"{name}: pass input_size= (the cell has no in_features).")
     input_shape = (int(input_size),)
-    graphdef, param_state, rest = nnx.split(cell, nnx.Param, ...)
+    graphdef, param_state, rest = nnx.split(cell, nnx.Param, ...)  # type: ignore[misc]  # flax's overloads
     params0 = nnx.to_pure_dict(param_state)
 
     def apply(params, carry, x):

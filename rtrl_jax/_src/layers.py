@@ -547,7 +547,7 @@ def split_model(variables: Mapping[str, Any] | nnx.Module) -> tuple[Params, Any]
         the rest (:class:`OnlineState`, rng counts, batch statistics).
     """
     if isinstance(variables, nnx.Module):
-        _, params, online = nnx.split(variables, nnx.Param, ...)
+        _, params, online = nnx.split(variables, nnx.Param, ...)  # type: ignore[misc]  # flax's overloads
         return params, online
     return variables["params"], {name: value for name, value in variables.items() if name != "params"}
 

@@ -120,11 +120,11 @@ class StepMetrics(NamedTuple):
         that held a NaN or infinity (:func:`nonfinite_names` reads them).
     """
 
-    loss: jax.Array
-    weight: jax.Array
-    correct: jax.Array
-    grad_norm: jax.Array
-    nonfinite: jax.Array
+    loss: jax.Array | np.ndarray
+    weight: jax.Array | np.ndarray
+    correct: jax.Array | np.ndarray
+    grad_norm: jax.Array | np.ndarray
+    nonfinite: jax.Array | np.ndarray
 
 
 NONFINITE_FLAGS = {"loss": 1, "grad": 2, "carry": 4, "trace": 8, "params": 16}
@@ -317,7 +317,9 @@ def _guarded_update(
         "trace": _all_finite(trace),
         "params": _all_finite(new_params),
     }
-    flags = sum(jnp.where(ok, 0, NONFINITE_FLAGS[name]) for name, ok in checks.items())
+    flags = functools.reduce(
+        jnp.add, (jnp.where(ok, 0, NONFINITE_FLAGS[name]) for name, ok in checks.items())
+    )
     flags = flags.astype(jnp.int32)
     if nonfinite != "ignore":
         new_params, new_opt_state = _select(flags == 0, (new_params, new_opt_state), (params, opt_state))
@@ -401,7 +403,8 @@ def init_model_train_state(
 
 def _split_online(online: Any) -> tuple[list, list]:
     """The leaves of a model's online collections: ``(carries and other state, traces)``."""
-    carry, trace = [], []
+    carry: list[Any] = []
+    trace: list[Any] = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(online):
         in_trace = any(getattr(entry, "key", None) == "trace" for entry in path)
         (trace if in_trace else carry).append(leaf)
@@ -440,7 +443,7 @@ def make_model_train_step(
       :class:`Stream` slice of one time step (leading axis batch). Pure; jit it or scan it.
     """
     _check_policy(nonfinite)
-    model = model_definition(model)
+    definition = model_definition(model)
 
     def train_step(state: ModelTrainState, batch: Stream):
         batch_size = batch.reset.shape[0]
@@ -449,7 +452,7 @@ def make_model_train_step(
         reset = batch.reset | state.restart
 
         def batch_loss(params):
-            out, online = apply_model(model, params, state.online, batch.inputs, reset, rngs)
+            out, online = apply_model(definition, params, state.online, batch.inputs, reset, rngs)
             loss = batch.mask * jax.vmap(loss_fn)(out, batch.targets)
             return jnp.sum(loss) / batch_size, (out, online, loss)
 
@@ -518,9 +521,9 @@ def _chunk(make_step: Callable, arguments: tuple, options: dict[str, Any]) -> Ca
 
 
 def _train_chunk(make_step: Callable, arguments: tuple, options: tuple) -> Callable:
-    options = dict(options)
-    train_step = make_step(*arguments, **options)
-    stop = options["nonfinite"] == "stop"
+    keywords = dict(options)
+    train_step = make_step(*arguments, **keywords)
+    stop = keywords["nonfinite"] == "stop"
 
     def halting_step(carry, batch):
         state, halted = carry
@@ -789,7 +792,7 @@ def _run_chunks(train_chunk, data, cast, state, limits: _Limits, callback, nonfi
         if nonfinite == "stop" and taken and metrics.nonfinite[-1] != 0:
             everything = _concatenate(collected)
             raise NonFiniteError(
-                int(state.step), nonfinite_names(metrics.nonfinite[-1]), state=state, metrics=everything
+                int(state.step), nonfinite_names(int(metrics.nonfinite[-1])), state=state, metrics=everything
             )
     return state, _concatenate(collected)
 

@@ -59,7 +59,7 @@ def enable_dtype(name: str, *, key: str = "model.dtype") -> jnp.dtype:
     if name not in DTYPES:
         raise ConfigError(f"{key}: {name!r} is not one of {', '.join(DTYPES)}.")
     dtype = jnp.dtype(name)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
         jax.config.update("jax_enable_x64", True)
     return dtype
 
@@ -470,9 +470,10 @@ def _one_trace(spec: RunConfig, cells: list, labels: list[str], hidden: list[int
                 " model.traces=stack the layers are one core with one trace of the run's estimator."
             )
     modules = []
+    norm = names.NORMS[model.norm]
     for i, cell in enumerate(cells):
-        if i and names.NORMS[model.norm] is not None:
-            modules.append(names.NORMS[model.norm]())
+        if i and norm is not None:
+            modules.append(norm())
         modules.append(cell)
     stacked = StackedCell(tuple(modules))
     label = f"stack({','.join(f'{n}/{h}' for n, h in zip(labels, hidden, strict=True))})"

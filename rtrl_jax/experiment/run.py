@@ -112,7 +112,7 @@ def write_metrics(out_dir: Path, rows: list[dict[str, Any]], *, fresh: bool = Fa
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` in a run folder (a cut-off last line is dropped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():
@@ -235,7 +235,11 @@ def run_training(
     if on_start is not None:
         on_start(start)
 
-    timing = {"start": time.perf_counter(), "first_chunk_end": None, "first_chunk_steps": start}
+    timing: dict[str, Any] = {
+        "start": time.perf_counter(),
+        "first_chunk_end": None,
+        "first_chunk_steps": start,
+    }
     timing["rate"] = math.nan
     every = config.train.checkpoint_every
 
@@ -269,7 +273,8 @@ def run_training(
         if every and steps_done % every == 0 and steps_done < config.train.steps:
             checkpointer.save(state)
 
-    status, event = "finished", None
+    status = "finished"
+    event: dict[str, Any] | None = None
     try:
         with _SignalCatcher() as catcher:
             if start < config.train.steps:
@@ -333,6 +338,7 @@ def train(experiment: Experiment, state: Any, **options: Any) -> tuple[Any, Step
     if experiment.model is not None:
         return train_model_online(experiment.model, experiment.optimizer, experiment.data, state, **options)
     core, estimator, optimizer = experiment.core, experiment.estimator, experiment.optimizer
+    assert core is not None and estimator is not None  # a run without a model has both
     return train_online(core, estimator, optimizer, experiment.data, state, head=experiment.head, **options)
 
 
@@ -358,7 +364,7 @@ VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "rtrl_jax")
 
 def versions() -> dict[str, str | None]:
     """The installed versions of :data:`VERSIONED` (``None`` for one not installed)."""
-    found = {}
+    found: dict[str, str | None] = {}
     for name in VERSIONED:
         try:
             found[name] = importlib.metadata.version(name.replace("_", "-"))
@@ -396,6 +402,7 @@ def _describe(experiment: Experiment) -> dict[str, Any]:
         "hidden": spec.model.hidden,
     }
     if experiment.model is None:
+        assert experiment.core is not None  # a run without a model has one core
         described["num_params"] = experiment.core.num_params
     else:  # the recurrent layers' parameters, then every layer as built
         params = experiment.state.params

@@ -55,8 +55,9 @@ class OnlineStack(nn.Module):
         for i, (cell, estimator, options) in enumerate(layers):
             y = OnlineRNN(cell, estimator, options, name=f"rnn{i}")(x, reset)
             x = x + y if self.residual and i > 0 else y
-            if NORMS[self.norm] is not None:
-                x = NORMS[self.norm](name=f"norm{i}")(x)
+            norm = NORMS[self.norm]
+            if norm is not None:
+                x = norm(name=f"norm{i}")(x)
         if self.head_hidden:
             x = nn.relu(nn.Dense(self.head_hidden, name="head_hidden")(x))
         return nn.Dense(self.num_outputs, name="head")(x)
