@@ -49,7 +49,7 @@ class RunError(RuntimeError):
     """A run folder that cannot be used as asked (e.g. a fresh run into a folder with checkpoints)."""
 
 
-def _window_mean(values: np.ndarray, weights: np.ndarray) -> float | None:
+def _window_mean(values: jax.Array | np.ndarray, weights: jax.Array | np.ndarray) -> float | None:
     total = float(np.sum(weights))
     return float(np.sum(values) / total) if total > 0 else None
 
