@@ -40,6 +40,7 @@ from rtrl_jax._src.layers import (
     apply_model,
     split_model,
 )
+from rtrl_jax._src.live import live_step
 from rtrl_jax._src.memory import available_memory, parse_bytes, trace_bytes
 from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step, rollout
@@ -188,6 +189,7 @@ __all__ = [
     "kf_merge",
     "kf_rtrl",
     "linear_head",
+    "live_step",
     "make_estimator",
     "make_mesh",
     "make_model_train_step",

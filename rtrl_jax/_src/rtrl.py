@@ -27,9 +27,13 @@ No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve ind
 
 With ``row_blocks=k > 1`` every block with more than ``P / k`` rows is updated in place in chunks of
 at most ``P / k`` rows, so the peak memory of a step (with the trace donated) falls from two traces
-towards one (measured with ``benchmarks/speed_memory.py``: 1.25× for a tanh RNN and 1.44× for a GRU
-at ``k = 8``, n = 256), at some cost in speed. Leave ``row_blocks=1`` when the trace is sharded along
-its rows.
+(``k = 1``: the product ``J_{t-1} D_tᵀ`` cannot overwrite its own operand) towards one. By default
+(``row_blocks=None``) a trace of at least :data:`CHUNKED_TRACE_BYTES` is updated in
+:data:`DEFAULT_ROW_BLOCKS` chunks and a smaller one in one piece: XLA's ``memory_analysis()`` of a
+donated step gives a peak of 1.26× the trace for a tanh RNN and 1.44× for a GRU at n = 128 (1.28×,
+1.47× at n = 64) against 2.0× unchunked; chunks of a few thousand rows keep the matmul rate, while
+at n = 32 (a trace under 1 MiB, chunks of a few hundred rows) chunking cost 15–25 % of the step
+(``benchmarks/rtrl_row_blocks.py``). Pass ``row_blocks=1`` when the trace is sharded along its rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
 BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
@@ -112,14 +116,28 @@ def _propagate(block, dynamics_t, immediate, max_rows):
     return block
 
 
-def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
+DEFAULT_ROW_BLOCKS = 8
+"""The chunks a large trace is updated in by default (peak of a step ≤ 1.5× the trace)."""
+
+CHUNKED_TRACE_BYTES = 2**20
+"""The trace size from which the default updates it in chunks (below it a step's speed matters more
+than its memory, and chunks too small to run at the matmul rate would cost speed)."""
+
+
+def default_row_blocks(blocks) -> int:
+    """:data:`DEFAULT_ROW_BLOCKS` for influence blocks of at least :data:`CHUNKED_TRACE_BYTES`, else 1."""
+    nbytes = sum(b.size * jnp.dtype(b.dtype).itemsize for b in blocks)
+    return DEFAULT_ROW_BLOCKS if nbytes >= CHUNKED_TRACE_BYTES else 1
+
+
+def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
     """Exact RTRL for ``core``.
 
     Args:
       core: a recurrent core ``(params, carry, x) -> (carry, out)`` for one stream.
       row_blocks: ``k``: update every block of the trace with more than ``P / k`` rows in place, in
-        chunks of at most ``P / k`` rows; ``1`` (default) is fastest, larger values lower the peak
-        memory of a step towards one trace.
+        chunks of at most ``P / k`` rows; ``1`` is fastest for small traces, larger values lower
+        the peak memory of a step towards one trace; ``None`` (default): :func:`default_row_blocks`.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is :class:`RTRLState`.
@@ -130,8 +148,10 @@ def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
       >>> carry, out, trace = est.step(trace, params, carry, x)
       >>> grads = est.grad(trace, params, carry_bar)   # exact d(carry_bar · h_t)/dθ
     """
-    if not isinstance(row_blocks, int) or row_blocks < 1:
-        raise ValueError(f"row_blocks must be a positive integer, got {row_blocks!r}.")
+    if row_blocks is not None and (
+        isinstance(row_blocks, bool) or not isinstance(row_blocks, int) or row_blocks < 1
+    ):
+        raise ValueError(f"row_blocks must be a positive integer or None, got {row_blocks!r}.")
 
     def init(params, carry, *, key=None):
         del key
@@ -145,7 +165,8 @@ def rtrl(core: CoreFn, row_blocks: int = 1) -> Estimator:
         blocks = jax.tree.leaves(trace.influence)
         dtype = blocks[0].dtype if blocks else dynamics.dtype
         dynamics_t = dynamics.T.astype(dtype)
-        max_rows = -(-sum(b.shape[0] for b in blocks) // row_blocks)
+        chunks = default_row_blocks(blocks) if row_blocks is None else row_blocks
+        max_rows = -(-sum(b.shape[0] for b in blocks) // chunks)
         influence = jax.tree.map(
             lambda block, imm: _propagate(block, dynamics_t, imm.astype(dtype), max_rows),
             trace.influence,
