@@ -94,4 +94,4 @@ def test_wheel_installed_outside_the_checkout_runs_the_cli(dist, tmp_path):
     _run([str(cli), "train", *overrides, "--out", "run", "--quiet"], cwd=work, env=environment)
     summary = json.loads((work / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 40, summary
-    assert summary["task"] == "copy" and summary["estimator"] == "rtrl"  # the embedded default
+    assert summary["task"].startswith("copy") and summary["estimator"] == "rtrl"  # the embedded default
