@@ -158,7 +158,10 @@ def estimator_page(info: Any) -> str:
     module = inspect.getmodule(make)
     if module is not None and module.__name__.startswith("rtrl_jax") and module.__doc__:
         lines += [f".. automodule:: {module.__name__}", "   :no-index:", ""]
-    qualified = f"{make.__module__}.{make.__qualname__}"
+    import rtrl_jax
+
+    public = getattr(rtrl_jax, make.__name__, None) is make
+    qualified = f"rtrl_jax.{make.__name__}" if public else f"{make.__module__}.{make.__qualname__}"
     lines += [f".. autofunction:: {qualified}", "   :no-index:", ""]
     return "\n".join(lines)
 
