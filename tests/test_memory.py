@@ -47,17 +47,14 @@ def test_parse_bytes_names_the_bad_value(text):
 @pytest.mark.parametrize(
     "name",
     [
-        "rtrl",
-        "uoro",
-        "tbptt",
-        pytest.param("kf", marks=pytest.mark.slow),
-        pytest.param("snap", marks=pytest.mark.slow),
+        name if name in ("rtrl", "uoro", "tbptt") else pytest.param(name, marks=pytest.mark.slow)
+        for name in (info.name for info in rj.registered())
     ],
 )
 def test_estimate_is_within_2x_of_xla_memory_analysis(name, hidden):
     task = tasks.add_task()
     core = rj.from_linen(nn.GRUCell(hidden), task.input_size)
-    est = rj.make_estimator(name, core)
+    est = rj.make_estimator(name, core, **rj.get_estimator_info(name).example_options)
     params, _ = core.init(jax.random.PRNGKey(0), jnp.float32)
     head_params = linear_head().init(jax.random.PRNGKey(1), hidden, task.num_classes)
     optimizer = optax.adam(1e-3)
