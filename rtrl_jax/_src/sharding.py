@@ -19,7 +19,7 @@ devices of all hosts (see ``docs/scaling.md``).
 Typical use::
 
     mesh = make_mesh(param_shards=4)                 # or make_mesh(data_shards=2, param_shards=2)
-    estimator = rtrl(core)
+    estimator = rtrl(core, row_blocks=1)         # whole-block updates keep the rows on their devices
     step = sharded_step(estimator, mesh, batched=True)
     traces = shard_trace(jax.vmap(lambda c: estimator.init(params, c))(carries), mesh, batched=True)
     carries, xs = shard_batch(carries, mesh), shard_batch(xs, mesh)
