@@ -93,7 +93,7 @@ def test_stored_trace_is_in_the_dtype_and_one_float32_step_is_rounded_once(gru, 
         assert bool(jnp.all(jnp.abs(g.astype(jnp.float32) - w) <= u * jnp.abs(w)))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
 def test_exact_rtrl_error_stays_within_the_propagated_rounding_bound(dtype, x64):
     """A float64 model with its RTRL trace stored in ``dtype``: the stored trace's error against the
     float64 trace obeys ``‖e_t‖ ≤ ‖D_t‖₂ ‖e_{t-1}‖ + u/(1-u) ‖Ĵ_t‖`` (each step's rounding is at most
