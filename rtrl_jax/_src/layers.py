@@ -28,8 +28,9 @@ What is dropped, and when the gradient is exact:
 - in general, the gradient of ``θ^l`` is exact (with exact estimators) when no layer above ``l``
   carries state through time, e.g. when the layers above have no recurrence (``F^{l'}`` ignores
   ``h^{l'}_{t-1}``): then there is no path to drop.
-- a whole stack as ONE core (``OnlineRNN(StackedCell([...]))``) with exact RTRL is exact BPTT, at
-  the whole stack's cost ``S²P``: the comparison point for the per-layer traces.
+- a whole stack as ONE core (``OnlineRNN(StackedCell([...]))``, in nnx
+  ``NNXOnlineRNN(NNXStackedCell([...]))``) with exact RTRL is exact BPTT, at the whole stack's cost
+  ``S²P``: the comparison point for the per-layer traces.
 
 Zucchet et al. 2023, "Online learning of long-range dependencies" (arXiv:2305.15947), train deep
 stacks of element-wise recurrent layers this way (exact per-layer traces) and find it competitive
