@@ -191,7 +191,7 @@ def markdown_table(document: dict) -> str:
             for method, r in methods.items():
                 skipped = f" ({r['skipped_steps']} steps skipped)" if r["skipped_steps"] else ""
                 lines.append(
-                    f"| {model} | {task} | {method} | {r['final_loss']:.3f} {unit}{skipped}"
+                    f"| {model} | {task} | {method} | {r['final_loss']:.4g} {unit}{skipped}"
                     f" | {r['final_accuracy']:.3f} | {r['trace_bytes_per_stream']:,} | {r['step_ms']:.2f}"
                     f" | {r['cost_ratio']:.1f} |\n"
                 )
