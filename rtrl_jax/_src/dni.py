@@ -27,14 +27,17 @@ scale (a spiking cell's voltages reach tens) and the regression alone is stable 
 ``λ = 1`` the fixed point is the future gradient itself: where ``f_t`` is an affine function of
 ``h_t`` (a linear network whose future inputs are independent of its past), ``f̂ = f`` makes every
 expected error zero. ``λ < 1`` learns the discounted future ``∂/∂h_t Σ_{k≥1} λ^{k-1} L_{t+k}``, a
-shorter horizon that keeps the bootstrap stable where ``‖D‖`` is near 1.
+shorter horizon (finite where the undiscounted sum is not, e.g. a state that never decays).
 
 ``c_t`` exists only after the step's loss, so the update is :attr:`Estimator.observe
 <rtrl_jax.Estimator>`: the training loop calls ``observe(trace, params, c_t)`` after ``grad``. The
 trace keeps ``h_t``, ``h_{t-1}`` and ``x_t``, from which ``grad`` takes its VJP for ``I_t`` and
-``observe`` its VJP for ``D_t``. ``grad`` is affine in its cotangent, not linear: it adds ``f̂_t``
-once per call, so a loop calls it once per step with the step's whole cotangent (and
-:func:`~rtrl_jax.influence_matrix` does not describe it). With ``A = 0, b = 0`` (the start, as in
+``observe`` its VJP for ``D_t``. The loops of the library call ``observe`` (:func:`~rtrl_jax.rollout`
+with ``cotangent=``, the trainer, the comparison tool); the ``custom_vjp`` drop-in cannot (its
+reverse pass returns cotangents, not a trace), so the online layers of a whole model refuse DNI.
+``grad`` is affine in its cotangent, not linear: it adds ``f̂_t`` once per call, so a loop calls it
+once per step with the step's whole cotangent (and :func:`~rtrl_jax.influence_matrix` does not
+describe it). With ``A = 0, b = 0`` (the start, as in
 Jaderberg et al., whose last synthetic-gradient layer starts at zero) the estimate is the
 immediate term ``c_t · I_t`` of truncated BPTT with a window of one step.
 
