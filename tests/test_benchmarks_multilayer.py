@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from multilayer import load_multilayer_config, run_benchmark  # noqa: E402
 
 
+@pytest.mark.slow  # three whole-model compilations: about 20 s of CPU
 def test_tiny_run_writes_json_table_and_plot(tmp_path):
     cfg = load_multilayer_config(
         CONFIG,

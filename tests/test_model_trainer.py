@@ -8,10 +8,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from online_learning import jit
 
 import rtrl_jax as rj
 from rtrl_jax._src import tasks
-from rtrl_jax._src.trainer import NonFiniteError, make_model_train_chunk, nonfinite_names
+from rtrl_jax._src.trainer import (
+    NonFiniteError,
+    make_model_train_chunk,
+    make_model_train_step,
+    nonfinite_names,
+)
 
 
 class OneLayer(nn.Module):
@@ -116,11 +122,18 @@ def test_nnx_model_follows_the_linen_model_through_the_same_trainer():
     nnx_state = rj.init_model_train_state(optimizer, net, batch_size=batch, key=jax.random.PRNGKey(11))
     nnx_final, nnx_metrics = rj.train_model_online(net, optimizer, stream, nnx_state, chunk_size=steps)
 
+    # the linen model through the same step, one jitted step at a time (XLA optimisation off)
     model = OneLayer(hidden, task.num_classes, cell_type=nn.SimpleCell)
-    state = _model_state(model, optimizer, stream, jax.random.PRNGKey(11), jnp.float64)
+    final = _model_state(model, optimizer, stream, jax.random.PRNGKey(11), jnp.float64)
     params = _as_linen(nnx_state.params)
-    state = state._replace(params=params, opt_state=optimizer.init(params))
-    final, metrics = rj.train_model_online(model, optimizer, stream, state, chunk_size=steps)
+    final = final._replace(params=params, opt_state=optimizer.init(params))
+    train_step = jit(make_model_train_step(model, optimizer))
+    per_step = []
+    for t in range(steps):
+        batch = jax.tree.map(lambda a, t=t: a[:, t], stream)
+        final, step_metrics = train_step(final, batch._replace(inputs=batch.inputs.astype(jnp.float64)))
+        per_step.append(step_metrics)
+    metrics = jax.tree.map(lambda *m: np.stack(m), *per_step)
 
     assert metrics.weight.sum() > 0 and np.all(metrics.grad_norm[metrics.weight > 0] > 0)
     for name in ("loss", "weight", "correct", "grad_norm"):
