@@ -135,3 +135,16 @@ def test_exact_rtrl_error_stays_within_the_propagated_rounding_bound(dtype, x64)
     assert bool(jnp.all(error <= bound)), (error, bound)
     assert bool(jnp.all(grad_error <= bound * jnp.linalg.norm(cotangent))), (grad_error, bound)
     assert float(error[-1]) > 0
+
+
+@pytest.mark.slow  # builds two runs (about 20 s on the shared machine)
+def test_a_run_config_takes_trace_dtype_and_its_memory_estimate_halves_the_traces():
+    from rtrl_jax.experiment import load_config
+    from rtrl_jax.experiment.build import build
+
+    wide, narrow = (
+        build(load_config(None, ["estimator=rtrl", "model.hidden=8", *extra]))
+        for extra in ([], ["estimator_options.trace_dtype=bfloat16"])
+    )
+    assert {leaf.dtype for leaf in jax.tree.leaves(narrow.state.trace)} == {jnp.dtype(jnp.bfloat16)}
+    assert narrow.memory.trace_bytes * 2 == wide.memory.trace_bytes
