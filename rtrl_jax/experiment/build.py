@@ -50,7 +50,8 @@ def check_name(key: str, value: Any, allowed: Sequence[str], what: str) -> None:
         raise ConfigError(f"{key}: unknown {what} {value!r}; allowed: {', '.join(allowed)}.")
 
 
-def _estimator_names() -> list[str]:
+def estimator_names() -> list[str]:
+    """The names of the registered estimators, in registration order."""
     return [info.name for info in registry.registered()]
 
 
@@ -133,7 +134,7 @@ def build_estimator(
       ConfigError: an unknown name, an estimator that cannot serve ``core`` (naming the estimators
         that can), or options it does not take or accept.
     """
-    check_name(key, name, _estimator_names(), "estimator")
+    check_name(key, name, estimator_names(), "estimator")
     reason = registry.get_estimator_info(name).unsupported_reason(core)
     if reason is not None:
         raise ConfigError(f"{key}: {registry.unsupported_message(name, core, reason)}")
@@ -443,7 +444,7 @@ def _online_layer(
     """The :class:`Layer` ``rnn<i>`` of ``cell``; its estimator is built (and cached) for it."""
     estimator_key, options_key = keys
     layer = f"rnn{i}"
-    check_name(estimator_key, estimator, _estimator_names(), "estimator")
+    check_name(estimator_key, estimator, estimator_names(), "estimator")
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"{options_key}: expected a mapping of options, got {options!r}.")
     options = dict(options or {})
@@ -570,7 +571,7 @@ def _task_source(task: Task, key: jax.Array, train: Any) -> Source:
 
 
 def _build_run(spec: RunConfig) -> Experiment:
-    check_name("estimator", spec.estimator, _estimator_names(), "estimator")
+    check_name("estimator", spec.estimator, estimator_names(), "estimator")
     dtype = enable_dtype(spec.model.dtype)
     _check_train(spec)
     spec = dataclasses.replace(spec, task_options=absolute_paths(spec.task_options))

@@ -1,10 +1,10 @@
 """What a spec may set, read off the registry and the task table: estimator and task options with
 their defaults, the cells each estimator serves (and the options a cell needs), the config keys.
 
-``rtrl-jax estimators`` prints :func:`estimator_listing`, ``rtrl-jax config`` prints
-:func:`config_yaml`; ``docs/options.md`` is
-:func:`options_markdown`, written by ``python docs/make_options.py`` (a test fails while it is
-stale), so neither can drift from the code.
+``rtrl-jax estimators`` prints :func:`estimator_listing` and ``rtrl-jax config`` prints
+:func:`config_yaml`; ``docs/options.md`` is :func:`options_markdown`, written by
+``python docs/make_options.py`` (a test fails while it is stale), so none of them can drift from the
+code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from rtrl_jax._src import registry
 from rtrl_jax._src.cores import Core
 from rtrl_jax._src.registry import REQUIRED
-from rtrl_jax.experiment.build import build_core, check_name, task_options
+from rtrl_jax.experiment.build import build_core, check_name, estimator_names, task_options
 from rtrl_jax.experiment.names import CELLS, TASKS
 from rtrl_jax.experiment.run import used_options
 from rtrl_jax.experiment.spec import ModelConfig, RunConfig, load_config, to_dict
@@ -83,8 +83,8 @@ def _needs_line(needs: dict[str, tuple[str, ...]]) -> str:
 
 
 def estimator_listing() -> str:
-    """The text of ``rtrl-jax estimators``: per estimator its summary, options with defaults, the
-    cells it serves and the options a cell needs."""
+    """The text of ``rtrl-jax estimators``: per estimator its summary, the cells it serves, the
+    options a cell needs and its options with their defaults."""
     lines = []
     for info in registry.registered():
         support = cell_support(info.name)
@@ -146,7 +146,7 @@ def config_with_defaults(config: RunConfig) -> dict[str, Any]:
     Raises:
       ConfigError: an unknown estimator or task.
     """
-    check_name("estimator", config.estimator, [info.name for info in registry.registered()], "estimator")
+    check_name("estimator", config.estimator, estimator_names(), "estimator")
     check_name("task", config.task, list(TASKS), "task")
     data = to_dict(config)
     data["estimator_options"] = used_options(config.estimator, config.estimator_options)
