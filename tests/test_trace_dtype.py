@@ -32,7 +32,7 @@ def gru():
     return core, params, carry
 
 
-FAST = ("rtrl", "kf", "uoro")  # the rest of the registry under -m slow
+FAST = ("rtrl", "uoro")  # the rest of the registry under -m slow
 
 
 def _served_names():
