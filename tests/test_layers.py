@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from online_learning import jit
 
 import rtrl_jax as rj
 from rtrl_jax._src import layers
@@ -132,7 +133,7 @@ def reference_grads(model, params, xs, ys, cut):
     def batch_loss(params):
         return jax.vmap(one_stream, in_axes=(None, 1, 1))(params, xs, ys).sum()
 
-    return jax.jit(jax.grad(batch_loss))(params)
+    return jit(jax.grad(batch_loss))(params)
 
 
 def init(model, xs):
@@ -140,7 +141,7 @@ def init(model, xs):
     return rj.cast_floating(model.init(jax.random.PRNGKey(0), xs[0].astype(jnp.float32)), jnp.float64)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def online_step_grads(model, params, state, x, y, reset):
     """One step of the user's unchanged per-step loss: ``(new online state, gradients)``."""
 
