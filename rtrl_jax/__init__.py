@@ -5,6 +5,7 @@ from rtrl_jax._src.base import (
     Estimator,
     flatten_core,
     influence_matrix,
+    restart_trace,
     trace_param_axes,
     tree_size,
 )
@@ -205,6 +206,7 @@ __all__ = [
     "random_mask",
     "register",
     "registered",
+    "restart_trace",
     "reverse_kf_rtrl",
     "rflo",
     "rollout",

@@ -18,7 +18,12 @@ shape, a :class:`Estimator` made of pure functions (in the style of
 - ``observe(trace, params, carry_bar) -> trace`` shows the trace the cotangent ``c_t`` of the step's
   loss once it is known, for estimators that learn from it (DNI's synthetic gradient); the
   default returns the trace unchanged. A training loop calls it after ``grad`` with the same
-  cotangent: ``step``, then ``grad`` and ``observe`` of ``c_t``, then the next ``step``.
+  cotangent: ``step``, then ``grad`` and ``observe`` of ``c_t``, then the next ``step``;
+- ``restart(trace, params, carry, *, key=None) -> trace`` is the trace for a stream whose episode
+  starts again from ``carry``, for estimators whose trace holds parts learned across episodes
+  (DNI's synthetic-gradient map, KeRNL's sensitivity and kernel): it keeps those and starts the
+  per-episode parts again as ``init`` does. Without it a restart is ``init``. Loops restart a
+  trace with :func:`restart_trace`.
 
 Traces are pytrees for one stream; batches come from ``jax.vmap``. Random keys are keyword-only and
 nothing is jitted implicitly.
@@ -71,6 +76,12 @@ class ObserveFn(Protocol):
     def __call__(self, trace: Trace, params: Params, carry_bar: Carry) -> Trace: ...
 
 
+class RestartFn(Protocol):
+    def __call__(
+        self, trace: Trace, params: Params, carry: Carry, *, key: PRNGKey | None = None
+    ) -> Trace: ...
+
+
 def no_observation(trace: Trace, params: Params, carry_bar: Carry) -> Trace:
     """The ``observe`` of an estimator that learns nothing from the loss: the trace unchanged."""
     del params, carry_bar
@@ -92,12 +103,33 @@ class Estimator(NamedTuple):
         whose trace learns from the loss itself need it: the loss reaches an estimator nowhere
         else, since ``grad`` is a pure contraction (:func:`influence_matrix` calls it with every
         basis cotangent).
+      restart: ``(trace, params, carry, *, key=None) -> trace``, the trace for a stream whose
+        episode starts again from ``carry``, given its last ``trace``: the parts the trace has
+        learned (from the loss or from perturbations) kept, the per-episode parts (those that
+        depend on the carries of the episode) as ``init`` makes them. ``None`` (the default) for
+        estimators whose trace learns nothing, for which a restart is ``init``. Call it through
+        :func:`restart_trace`.
     """
 
     init: InitFn
     step: StepFn
     grad: GradFn
     observe: ObserveFn = no_observation
+    restart: RestartFn | None = None
+
+
+def restart_trace(
+    estimator: Estimator, trace: Trace, params: Params, carry: Carry, *, key: PRNGKey | None = None
+) -> Trace:
+    """The trace of a stream whose episode starts again from ``carry``, after ``trace``.
+
+    ``estimator.restart`` where the estimator has one (its learned parts survive the episode
+    boundary), else ``estimator.init(params, carry, key=key)``. ``key`` is the one ``init`` would
+    get.
+    """
+    if estimator.restart is None:
+        return estimator.init(params, carry, key=key)
+    return estimator.restart(trace, params, carry, key=key)
 
 
 class FlatCore(NamedTuple):

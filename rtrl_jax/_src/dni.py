@@ -45,8 +45,10 @@ This is the form in the unified framework of Marschall, Cho & Savin (2020), with
 cotangent ``c_t`` added exactly rather than predicted; their ``ã = [a; y*; 1]`` also feeds the label
 to the map, which an estimator does not see. Per step: a forward pass and two VJPs of the core,
 ``O(S²)`` more arithmetic; trace ``S² + 3S`` numbers and one input. ``A`` and ``b`` are per stream
-(under ``jax.vmap`` every stream learns its own) and a fresh trace (``init``, e.g. at an episode
-start) starts them again from zero.
+(under ``jax.vmap`` every stream learns its own). They start from zero in ``init`` only: at an
+episode start the loops call :attr:`Estimator.restart <rtrl_jax.Estimator>`, which keeps them and
+starts the last carries and input again as ``init`` does, so the map learned in one episode serves
+the next.
 
 References: M. Jaderberg, W. M. Czarnecki, S. Osindero, O. Vinyals, A. Graves, D. Silver and
 K. Kavukcuoglu, "Decoupled neural interfaces using synthetic gradients", ICML 2017,
@@ -147,7 +149,7 @@ def dni(
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is :class:`DNIState`; its ``observe`` learns
-      ``A`` and ``b`` from the step's cotangent.
+      ``A`` and ``b`` from the step's cotangent and its ``restart`` keeps them.
 
     Example:
       >>> est = dni(core, synthetic_learning_rate=0.1)
@@ -212,7 +214,10 @@ def dni(
         )
         return trace._replace(weights=update.weights, bias=update.bias)
 
-    return Estimator(init, step, grad, observe)
+    def restart(trace, params, carry, *, key=None):
+        return init(params, carry, key=key)._replace(weights=trace.weights, bias=trace.bias)
+
+    return Estimator(init, step, grad, observe, restart)
 
 
 register(

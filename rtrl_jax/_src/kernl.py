@@ -46,8 +46,11 @@ core whose specs give ``I``'s pattern (as RFLO and SnAp), a pytree carry flatten
 
 Cost per step: two forward passes (the core and its shadow), one reverse pass per colour of ``I``'s
 rows (one for vanilla/gated RNNs), ``O(S² + P)`` arithmetic; trace ``P + S² + 4S`` numbers. ``β`` and
-``γ`` are per stream (under ``jax.vmap`` every stream learns its own), and a fresh trace
-(``init``, e.g. at an episode start) starts them again from ``β = I``, ``γ = γ_0``.
+``γ`` are per stream (under ``jax.vmap`` every stream learns its own). They start from ``β = I``,
+``γ = γ_0`` in ``init`` only: at an episode start the loops call :attr:`Estimator.restart
+<rtrl_jax.Estimator>`, which keeps them and starts the per-episode parts again as ``init`` does
+(``E = 0``, the shadow on the carry, ``ω = Γ = 0``), so the kernel learned in one episode serves
+the next.
 
 References: C. Roth, I. Kanitscheider and I. Fiete, "Kernel RNN Learning (KeRNL)", ICLR 2019;
 O. Marschall, K. Cho and C. Savin, "A unified framework of online learning algorithms for training
@@ -168,7 +171,7 @@ def kernl(
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is :class:`KeRNLState`; ``step`` needs ``key=``
-      (the perturbation noise).
+      (the perturbation noise); ``restart`` keeps ``β`` and ``γ``.
 
     Example:
       >>> core = from_linen(LeakyRNNCell(16, tau=2.0), input_size=2)
@@ -242,7 +245,11 @@ def kernl(
         signal = trace.sensitivity.T @ flat_bar.astype(trace.sensitivity.dtype)
         return eligibility(trace.decay_rate).grad(SnapState(trace.eligibility), params, signal)
 
-    return Estimator(init, step, grad)
+    def restart(trace, params, carry, *, key=None):
+        fresh = init(params, carry, key=key)
+        return fresh._replace(sensitivity=trace.sensitivity, decay_rate=trace.decay_rate)
+
+    return Estimator(init, step, grad, restart=restart)
 
 
 register(

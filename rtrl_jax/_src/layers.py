@@ -79,7 +79,17 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
-from rtrl_jax._src.base import Carry, Estimator, Input, Output, Params, PRNGKey, Trace, no_observation
+from rtrl_jax._src.base import (
+    Carry,
+    Estimator,
+    Input,
+    Output,
+    Params,
+    PRNGKey,
+    Trace,
+    no_observation,
+    restart_trace,
+)
 from rtrl_jax._src.cores import Core, from_linen, from_nnx
 from rtrl_jax._src.online import online_step
 from rtrl_jax._src.registry import get_estimator_info, make_estimator
@@ -204,7 +214,8 @@ def step_streams(
       carry: the carries, leading axis ``batch``.
       x: the inputs of this step, leading axis ``batch``.
       reset: optional ``(batch,)`` booleans: the streams that start afresh at this step (their
-        carry and trace are re-initialised before the step).
+        carry is re-initialised and their trace restarted, :func:`~rtrl_jax.restart_trace`,
+        before the step).
       key: the step's random key when ``online.needs_key``.
 
     Returns:
@@ -220,9 +231,9 @@ def step_streams(
             if key is not None:
                 init_key, key = jax.random.split(key)
             fresh_carry = jax.tree.map(jnp.zeros_like, carry)
-            fresh_trace = online.estimator.init(params, fresh_carry, key=init_key)
+            restarted = restart_trace(online.estimator, trace, params, fresh_carry, key=init_key)
             carry = _where(reset, fresh_carry, carry)
-            trace = _where(reset, fresh_trace, trace)
+            trace = _where(reset, restarted, trace)
         return step(params, trace, carry, x, key)
 
     return jax.vmap(one)(trace, carry, x, reset, keys)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtrl_jax._src.base import Estimator
+from rtrl_jax._src.base import Estimator, no_observation
 
 DTypeLike = Any
 
@@ -52,8 +52,9 @@ def with_trace_dtype(estimator: Estimator, dtype: DTypeLike) -> Estimator:
         leaf of the trace wider than it is rounded to it (to nearest) after ``init`` and ``step``.
 
     Returns:
-      An :class:`~rtrl_jax.Estimator` whose ``step`` and ``grad`` compute in the dtypes of the
-      wrapped estimator's trace and whose stored trace has the same structure in ``dtype``.
+      An :class:`~rtrl_jax.Estimator` whose ``step``, ``grad``, ``observe`` and ``restart`` compute
+      in the dtypes of the wrapped estimator's trace and whose stored trace has the same structure
+      in ``dtype``.
 
     Raises:
       ValueError: ``dtype`` is not a floating dtype.
@@ -90,4 +91,16 @@ def with_trace_dtype(estimator: Estimator, dtype: DTypeLike) -> Estimator:
     def grad(trace, params, carry_bar):
         return estimator.grad(load(trace, params, carry_bar), params, carry_bar)
 
-    return Estimator(init, step, grad)
+    def observe(trace, params, carry_bar):
+        return store(estimator.observe(load(trace, params, carry_bar), params, carry_bar))
+
+    def restart(trace, params, carry, *, key=None):
+        return store(estimator.restart(load(trace, params, carry), params, carry, key=key))
+
+    return Estimator(
+        init,
+        step,
+        grad,
+        no_observation if estimator.observe is no_observation else observe,
+        None if estimator.restart is None else restart,
+    )

@@ -2,7 +2,9 @@
 
 At every step ``t`` of a batch of independent streams the trainer
 
-1. resets the carry and the trace of the streams whose episode starts at ``t``;
+1. resets the carry and restarts the trace of the streams whose episode starts at ``t``
+   (:func:`~rtrl_jax.restart_trace`: what a trace has learned, e.g. DNI's synthetic-gradient map,
+   is kept);
 2. advances core and trace with ``estimator.step``;
 3. computes the step loss through the readout head (ordinary autodiff for the head);
 4. gets the recurrent gradient from the estimator (``grad`` of the loss's carry cotangent ``c_t``),
@@ -44,7 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rtrl_jax._src.base import Estimator, Params
+from rtrl_jax._src.base import Estimator, Params, restart_trace
 from rtrl_jax._src.cores import Core
 from rtrl_jax._src.layers import apply_model, model_definition, split_model
 from rtrl_jax._src.online import carry_cotangent
@@ -258,8 +260,11 @@ def make_train_step(
         init_keys = jax.random.split(jax.random.fold_in(step_key, 0), batch_size)
         fresh_carry = _broadcast(core.initial_carry(jax.tree.leaves(state.carry)[0].dtype), batch_size)
         fresh_trace = jax.vmap(lambda c, k: estimator.init(params["core"], c, key=k))(fresh_carry, init_keys)
+        restarted_trace = jax.vmap(lambda t, c, k: restart_trace(estimator, t, params["core"], c, key=k))(
+            state.trace, fresh_carry, init_keys
+        )
         carry = _select(batch.reset, fresh_carry, state.carry)
-        trace = _select(batch.reset, fresh_trace, state.trace)
+        trace = _select(batch.reset, restarted_trace, state.trace)
         step_keys = jax.random.split(jax.random.fold_in(step_key, 1), batch_size)
         carry, trace, loss, correct, grads = jax.vmap(stream_step, in_axes=(None, 0, 0, 0, 0, 0, 0))(
             params, trace, carry, batch.inputs, batch.targets, batch.mask, step_keys
