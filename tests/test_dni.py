@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from online_learning import add_task_loss, online_grads
+from online_learning import add_task_loss, check_trainer_keeps_learned_parts, online_grads
 
 import rtrl_jax
 from rtrl_jax._src.dni import dni, synthetic_gradient
@@ -239,6 +239,15 @@ def test_every_loop_observes_the_cotangent_alike():
         )[1]
     )()
     np.testing.assert_allclose(rolled.weights, sine_weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.x64
+def test_trainer_keeps_the_learned_map_across_episodes():
+    """At an episode start the trainer restarts the last carries and input as ``init`` does and
+    keeps ``A`` and ``b``, which go on learning in the next episode."""
+    core = rtrl_jax.from_linen(nn.SimpleCell(3), 2)
+    estimator = rtrl_jax.make_estimator("dni", core, synthetic_learning_rate=0.1)
+    check_trainer_keeps_learned_parts(core, estimator, ("weights", "bias"))
 
 
 def test_options():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from online_learning import add_task_loss
+from online_learning import add_task_loss, check_trainer_keeps_learned_parts
 
 import rtrl_jax
 from rtrl_jax._src.kernl import kernel_update, kernl
@@ -147,6 +147,15 @@ def test_kernel_update_is_sgd_on_the_prediction_loss():
     np.testing.assert_allclose(update.sensitivity, beta - 0.01 * beta_bar, rtol=1e-5)
     np.testing.assert_allclose(update.decay_rate, gamma - 0.01 * gamma_bar, rtol=1e-5)
     np.testing.assert_allclose(update.loss, loss(beta, gamma), rtol=1e-5)
+
+
+@pytest.mark.x64
+def test_trainer_keeps_the_learned_kernel_across_episodes():
+    """At an episode start the trainer restarts the eligibility trace, the shadow and the noise
+    traces as ``init`` does and keeps ``β`` and ``γ``, which go on learning in the next episode."""
+    core = rtrl_jax.from_linen(nn.SimpleCell(3), 2)
+    estimator = rtrl_jax.make_estimator("kernl", core, kernel_learning_rate=0.1, noise_scale=1e-2)
+    check_trainer_keeps_learned_parts(core, estimator, ("sensitivity", "decay_rate"))
 
 
 def test_options_and_key():
