@@ -10,7 +10,7 @@ its trace at every episode start, so each step's window reaches back to the tria
 Reported per cell and estimator: the recall-step cross-entropy and accuracy over the last tenth of
 the training episodes (online: each episode is new data, scored before the updates it causes), mean
 and spread over seeds. Writes ``evidence.json`` and ``evidence.md`` (the table) into DIR (default
-``benchmarks/results/``).
+``benchmarks/results/evidence/``).
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a configs/bench_evidence.yaml file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "evidence"))
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
