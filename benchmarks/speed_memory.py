@@ -108,7 +108,9 @@ def _train_scan(core, estimator, params, steps, batch):
 
     def one(trace, carry, x, key, w):
         carry, out, trace = estimator.step(trace, params, carry, x, key=key)
-        grads = rj.online_grad(core, estimator, trace, params, carry, w * out)
+        carry_bar = rj.carry_cotangent(core, carry, w * out)
+        grads = estimator.grad(trace, params, carry_bar)
+        trace = estimator.observe(trace, params, carry_bar)  # learning from the loss (DNI) is timed too
         return trace, carry, grads
 
     def scan(traces, carries, xs, keys, ws, step_fn):

@@ -19,6 +19,9 @@ one BPTT reference (float64). Compilation is nearly all of the cost, so the prog
 - :func:`check_key`: a key is required exactly when ``info.needs_key`` says so: without one
   ``init``/``step`` raise a ``ValueError`` naming ``key``; a deterministic estimator runs with
   ``key=None`` and ignores a key it is given (bitwise the same results for another key);
+- :func:`check_restart`: ``restart_trace`` (the trace at an episode start) of the run's last trace
+  has ``init``'s structure, shapes and dtypes; restarting a fresh trace gives ``init``'s trace; an
+  estimator without ``Estimator.restart`` (no learned parts) restarts any trace to ``init``'s;
 - :func:`check_exactness` (float64): the per-step gradient is within ``1e-10`` relative error of
   BPTT (``jax.grad`` through ``lax.scan`` of that step's loss) at EVERY step when
   ``info.exact_for(core, **options)``, and is more than ``1e-6`` off at some step otherwise (the
@@ -228,6 +231,9 @@ class Result(NamedTuple):
     run_traces: int  # how many times the jitted trajectory was traced for the BATCH streams
     step_traces: int  # how many times jax.jit(step) was traced for steps 0 and 1
     keyless_errors: dict  # {"init"/"step": error message or None} without a key
+    has_restart: bool  # whether the estimator has its own Estimator.restart (learned parts)
+    restarted: Any  # restart_trace of stream 0's last trace, with the key its init got
+    restarted_fresh: Any  # restart_trace of stream 0's init trace, the same way
     bptt: Any  # per-step BPTT gradients of stream 0 (float64), else None
 
 
@@ -276,6 +282,11 @@ def _compute(info, cell, dtype, options) -> Result:
         except ValueError as error:
             keyless_errors[fn] = str(error)
 
+    # restarts (eager: a few small ops) of stream 0's last and first traces, from its first carry
+    restart = functools.partial(rtrl_jax.restart_trace, estimator, params=params, carry=carry0, key=init_key)
+    restarted = jax.device_get(restart(_at(loop[0]["trace"], STEPS - 1)))
+    restarted_fresh = jax.device_get(restart(loop[0]["init_trace"]))
+
     return Result(
         name=info.name,
         cell=cell,
@@ -292,6 +303,9 @@ def _compute(info, cell, dtype, options) -> Result:
         run_traces=len(run_traces),
         step_traces=len(step_traces),
         keyless_errors=keyless_errors,
+        has_restart=estimator.restart is not None,
+        restarted=restarted,
+        restarted_fresh=restarted_fresh,
         bptt=bptt_step_grads(cell) if dtype == "float64" else None,
     )
 
@@ -397,6 +411,15 @@ def check_key(r: Result) -> None:
                 assert max(errors) <= SAME[r.dtype], ("keys changed", b, part, errors)
 
 
+def check_restart(r: Result) -> None:
+    chex.assert_trees_all_equal_shapes_and_dtypes(r.restarted, r.init_trace_shape)
+    init_trace = r.loop[0]["init_trace"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(r.restarted_fresh, init_trace)
+    assert relative_error(r.restarted_fresh, init_trace) <= SAME[r.dtype], "restart of a fresh trace"
+    if not r.has_restart:
+        assert relative_error(r.restarted, init_trace) <= SAME[r.dtype], "restart without learned parts"
+
+
 def check_exactness(r: Result) -> None:
     assert r.dtype == "float64"
     errors = per_step_errors(r.loop[0]["grad"], r.bptt)
@@ -413,5 +436,6 @@ def check_all(r: Result) -> None:
     check_vmap_equals_loop(r)
     check_drop_in(r)
     check_key(r)
+    check_restart(r)
     if r.dtype == "float64":
         check_exactness(r)

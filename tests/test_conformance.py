@@ -1,6 +1,7 @@
 """Every registered estimator × every shipped cell it serves × float32 and float64, held to the
 checks of ``tests/conformance.py`` (shapes and dtypes, jit without retracing, vmap, the drop-in,
-keys, exactness against BPTT where the registry says exact and not elsewhere).
+keys, restart at an episode start, exactness against BPTT where the registry says exact and not
+elsewhere).
 
 The cases are read off ``rtrl_jax.registered()`` when this module is collected; ``conftest.py``
 imports every test module first, so an estimator that a test module registers at import time is
@@ -104,6 +105,10 @@ def test_drop_in_equals_online_grad(results, name, cell, dtype):
 
 def test_key_required_exactly_when_registered(results, name, cell, dtype):
     conformance.check_key(results(name, cell, dtype))
+
+
+def test_restart_is_init_but_for_learned_parts(results, name, cell, dtype):
+    conformance.check_restart(results(name, cell, dtype))
 
 
 def test_exact_where_registered_and_not_elsewhere(results, name, cell):

@@ -171,11 +171,11 @@ def dni(
         dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
         spec = input_spec or jax.ShapeDtypeStruct(core.input_shape, flat_carry.dtype)
         size = flat_carry.size
-        return DNIState(
+        return DNIState(  # every leaf its own array, so that a donated trace donates each once
             weights=jnp.zeros((size, size), dtype),
             bias=jnp.zeros((size,), dtype),
-            carry=flat_carry.astype(dtype),
-            previous_carry=flat_carry.astype(dtype),
+            carry=jnp.array(flat_carry, dtype),
+            previous_carry=jnp.array(flat_carry, dtype),
             input=jnp.zeros(spec.shape, spec.dtype),
         )
 

@@ -199,13 +199,13 @@ def kernl(
         dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
         size = flat_carry.size
         zeros = jnp.zeros((size,), dtype)
-        return KeRNLState(
+        return KeRNLState(  # every leaf its own array, so that a donated trace donates each once
             eligibility=eligibility(zeros).init(params, carry).values,
             sensitivity=jnp.eye(size, dtype=dtype),
             decay_rate=jnp.full((size,), initial_decay_rate, dtype),
-            shadow=flat_carry.astype(dtype),
-            noise_trace=zeros,
-            noise_trace_grad=zeros,
+            shadow=jnp.array(flat_carry, dtype),
+            noise_trace=jnp.zeros((size,), dtype),
+            noise_trace_grad=jnp.zeros((size,), dtype),
         )
 
     def step(trace, params, carry, x, *, key=None):
