@@ -16,6 +16,7 @@ and spread over seeds. Writes ``evidence.json`` and ``evidence.md`` (the table) 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -78,8 +79,14 @@ def label(spec: dict) -> str:
 
 def _episode(task_options: dict) -> int:
     """Steps per episode of ``evidence_task(**task_options)`` (between the first two resets)."""
-    stream = tasks.evidence_task(**task_options).sample(jax.random.PRNGKey(0), 10_000)
-    starts = np.flatnonzero(np.asarray(stream.reset))
+    return _episode_of(json.dumps(task_options, sort_keys=True))
+
+
+@functools.cache
+def _episode_of(task_options: str) -> int:
+    task = tasks.evidence_task(**json.loads(task_options))
+    reset = jax.jit(lambda key: task.sample(key, 10_000).reset)(jax.random.PRNGKey(0))
+    starts = np.flatnonzero(np.asarray(reset))
     return int(starts[1] - starts[0])
 
 
