@@ -15,7 +15,6 @@ import pytest
 
 import rtrl_jax
 from rtrl_jax._src.feedback import feedback_head
-from rtrl_jax._src.trainer import make_train_chunk
 
 pytestmark = pytest.mark.x64
 
@@ -50,25 +49,33 @@ HEADS = {
 SGD, ADAM = optax.sgd(0.5), optax.adam(0.1)
 LR, DECAY = 0.5, 0.1
 SGD_DECAY = optax.chain(optax.add_decayed_weights(DECAY), optax.sgd(LR))
-ESTIMATORS = {}
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # these programs run once: compile fast
+RUNS = {}
 
 
 def _train(problem, estimator_name, head, head_params, optimizer, num_steps=STEPS):
-    """The parameters after each of ``num_steps`` trainer steps (one-step chunks: the jitted chunk
-    is cached on the estimator, optimizer and head, so each combination compiles once)."""
+    """The parameters after each of the first ``num_steps`` trainer steps (all ``STEPS`` steps run
+    in one jitted scan, compiled once per estimator, head and optimizer)."""
     core, core_params, _, stream = problem
-    if estimator_name not in ESTIMATORS:
-        ESTIMATORS[estimator_name] = rtrl_jax.make_estimator(estimator_name, core)
-    estimator = ESTIMATORS[estimator_name]
+    key = (estimator_name, head, id(optimizer))
+    if key not in RUNS:
+        estimator = rtrl_jax.make_estimator(estimator_name, core)
+        step = rtrl_jax.make_train_step(core, estimator, optimizer, head=HEADS[head])
+
+        def run(state, batches):
+            def body(state, batch):
+                state, _ = step(state, batch)
+                return state, state.params
+
+            return jax.lax.scan(body, state, batches)[1]
+
+        RUNS[key] = estimator, jax.jit(run, compiler_options=COMPILER_OPTIONS)
+    estimator, run = RUNS[key]
     state = rtrl_jax.init_train_state(
         core, estimator, optimizer, core_params, head_params, batch_size=BATCH, key=jax.random.PRNGKey(3)
     )
-    chunk = make_train_chunk(core, estimator, optimizer, head=HEADS[head])
-    history = []
-    for t in range(num_steps):
-        state, _ = chunk(state, jax.tree.map(lambda a, t=t: a[:, t : t + 1], stream))
-        history.append(state.params)
-    return history
+    history = run(state, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), stream))
+    return [jax.tree.map(lambda a, t=t: a[t], history) for t in range(num_steps)]
 
 
 def _assert_close(got, want, tol=TOL):
