@@ -12,6 +12,7 @@ from online_learning import add_task_loss, check_trainer_keeps_learned_parts
 
 import rtrl_jax
 from rtrl_jax._src.kernl import kernel_update, kernl
+from rtrl_jax._src.layers import build_online_core, init_streams, step_streams
 from rtrl_jax._src.tasks import add_task_baselines
 
 # The programs here are small and compiled once: XLA's backend optimisation costs more than it saves.
@@ -156,6 +157,48 @@ def test_trainer_keeps_the_learned_kernel_across_episodes():
     core = rtrl_jax.from_linen(nn.SimpleCell(3), 2)
     estimator = rtrl_jax.make_estimator("kernl", core, kernel_learning_rate=0.1, noise_scale=1e-2)
     check_trainer_keeps_learned_parts(core, estimator, ("sensitivity", "decay_rate"))
+
+
+@pytest.mark.x64
+def test_online_layer_keeps_the_learned_kernel_at_an_episode_start():
+    """``step_streams`` restarts a stream that starts an episode (its carry and eligibility trace
+    as a fresh stream's, its ``β`` and ``γ`` as they were) and steps the others on; ``η = 0`` keeps
+    ``β``, ``γ`` fixed through the step, and the carry and eligibility trace do not depend on the
+    noise, so both streams are compared with ``step`` of the trace they should start from."""
+    core = rtrl_jax.from_linen(nn.SimpleCell(3), 2)
+    online = build_online_core("rnn0", core, "kernl", {"kernel_learning_rate": 0.0})
+    estimator = online.estimator
+    params, carry = core.init(jax.random.PRNGKey(0), jnp.float64)
+    carries, traces = init_streams(online, params, 2, jnp.float64, jax.random.PRNGKey(1))
+    xs = jax.random.normal(jax.random.PRNGKey(2), (2, 2), jnp.float64)
+    step = jit(
+        lambda traces, carries, reset, key: step_streams(online, params, traces, carries, xs, reset, key)
+    )
+    carries, _, traces = step(traces, carries, jnp.array([False, False]), jax.random.PRNGKey(3))
+    learned = traces._replace(
+        sensitivity=traces.sensitivity + 0.1 * jnp.arange(9.0).reshape(3, 3),
+        decay_rate=traces.decay_rate * jnp.array([[0.5], [2.0]]),
+    )
+    got = step(learned, carries, jnp.array([True, False]), jax.random.PRNGKey(4))
+
+    def stream(tree, b):
+        return jax.tree.map(lambda a: a[b], tree)
+
+    restarted = estimator.init(params, carry)._replace(
+        sensitivity=learned.sensitivity[0], decay_rate=learned.decay_rate[0]
+    )
+    starts = [(restarted, carry), (stream(learned, 1), stream(carries, 1))]
+    one = jit(lambda trace, h, x: estimator.step(trace, params, h, x, key=jax.random.PRNGKey(5)))
+    for b, (trace, h) in enumerate(starts):
+        want_carry, _, want = one(trace, h, xs[b])
+        got_carry, got_trace = stream(got[0], b), stream(got[2], b)
+        np.testing.assert_array_equal(got_trace.sensitivity, trace.sensitivity)
+        np.testing.assert_array_equal(got_trace.decay_rate, trace.decay_rate)
+        np.testing.assert_allclose(got_carry, want_carry, rtol=1e-12)
+        for g, w in zip(
+            jax.tree.leaves(got_trace.eligibility), jax.tree.leaves(want.eligibility), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
 
 
 def test_options_and_key():
