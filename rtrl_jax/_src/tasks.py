@@ -3,7 +3,8 @@
 A :class:`Stream` holds one stream (leading axis time) or a batch of independent streams (leading
 axes batch, time). Targets are probability vectors over ``num_classes`` (one-hot for hard targets)
 and the step loss is the cross-entropy of the readout's softmax against them, weighted by ``mask``.
-``reset`` marks the first step of an episode: the trainer resets the carry and the trace before it.
+``reset`` marks the first step of an episode: the trainer resets the carry and restarts the trace
+(:func:`~rtrl_jax.restart_trace`) before it.
 Streams are deterministic given the key.
 
 A :class:`Source` produces a batch of streams chunk by chunk, so a run's memory does not grow with
