@@ -250,6 +250,31 @@ def test_trainer_keeps_the_learned_map_across_episodes():
     check_trainer_keeps_learned_parts(core, estimator, ("weights", "bias"))
 
 
+def test_narrower_trace_dtype_keeps_observe_and_restart():
+    """``trace_dtype=`` wraps DNI's ``observe`` and ``restart`` too: the stored map learns (in
+    ``bfloat16``) and survives a restart; the online layers still refuse it."""
+    core = rtrl_jax.from_linen(nn.SimpleCell(3), 2)
+    estimator = rtrl_jax.make_estimator("dni", core, synthetic_learning_rate=0.5, trace_dtype="bfloat16")
+    params, carry = core.init(jax.random.PRNGKey(0))
+
+    @jit
+    def two_steps(trace, h):
+        for x in jnp.ones((2, 2)):
+            h, _, trace = estimator.step(trace, params, h, x)
+            trace = estimator.observe(trace, params, jnp.ones(3))
+        return trace, estimator.restart(trace, params, carry)
+
+    trace, restarted = two_steps(estimator.init(params, carry), carry)
+    assert trace.weights.dtype == jnp.bfloat16
+    assert float(jnp.abs(trace.weights.astype(jnp.float32)).max()) > 0
+    np.testing.assert_array_equal(restarted.weights, trace.weights)
+    np.testing.assert_array_equal(restarted.bias, trace.bias)
+    np.testing.assert_array_equal(restarted.previous_carry, jnp.zeros(3, jnp.bfloat16))
+    assert restarted.input.dtype == trace.input.dtype
+    with pytest.raises(ValueError, match="observe"):
+        build_online_core("rnn0", core, "dni", {"trace_dtype": "bfloat16"})
+
+
 def test_options():
     core = _rotation_core()
     for bad in ({"synthetic_learning_rate": -1.0}, {"discount": 1.5}):
