@@ -144,7 +144,8 @@ def sharded_step(estimator: Estimator, mesh: Mesh, *, batched: bool = False, don
     ``shard_batch(params, mesh, batched=False)``). The step itself is the estimator's own code; the
     sharding of its output trace is pinned with ``jax.lax.with_sharding_constraint`` and XLA's SPMD
     partitioner (GSPMD) splits the computation, so the influence matrix's rows never meet on one
-    device.
+    device. It advances core and trace only: the step loss is the caller's, so are ``grad`` and
+    ``observe`` of its cotangent (DNI learns its map there) on the sharded trace.
 
     Args:
       estimator: any estimator.
