@@ -27,8 +27,9 @@ chunks.
 
 Numerical guard: every step checks the loss, the gradient, the new carries and traces and the
 updated parameters for non-finite values. Under the default policy ``"skip"`` a bad step leaves the
-parameters and optimizer state unchanged and restarts the carries and traces of all streams (a whole
-model's at its next step); under ``"stop"`` the run also halts after that step
+parameters and optimizer state unchanged and starts the carries and traces of all streams afresh
+(``init``; a whole model's layers restart theirs at its next step, keeping what the traces of the
+last finite step had learned); under ``"stop"`` the run also halts after that step
 (:class:`NonFiniteError` from :func:`train_online`); ``"ignore"`` applies the update anyway. The
 quantities found are in ``StepMetrics.nonfinite`` (bit flags, :func:`nonfinite_names`).
 """
@@ -226,7 +227,8 @@ def make_train_step(
       head: the readout (default :func:`linear_head`).
       loss_fn: ``(logits, targets) -> scalar`` loss of one step of one stream.
       nonfinite: what a step with a non-finite loss, gradient, carry, trace or updated parameter
-        does: ``"skip"`` (keep parameters and optimizer state, restart all carries and traces),
+        does: ``"skip"`` (keep parameters and optimizer state, start all carries and traces
+        afresh from ``init``, learned parts of the traces included),
         ``"stop"`` (the same; :func:`make_train_chunk` then halts) or ``"ignore"`` (update anyway).
 
     Returns:
