@@ -4,8 +4,9 @@ Building is the validation: each piece is made from its part of the spec, and wh
 made (an unknown name, a bad option, an estimator that cannot serve the cell, ...) stops with a
 :class:`ConfigError` that names the key, the value and what is allowed. The pieces
 (:func:`build_task`, :func:`build_core`, :func:`build_estimator`, :func:`build_optimizer`,
-:func:`init_head`, :func:`enable_dtype`) serve ``rtrl-jax train``, ``rtrl-jax compare`` and the
-learning benchmarks alike; :func:`build_model` makes the whole Flax model of a multi-layer spec.
+:func:`build_head`, :func:`init_head`, :func:`enable_dtype`) serve ``rtrl-jax train``,
+``rtrl-jax compare`` and the learning benchmarks alike; :func:`build_model` makes the whole Flax
+model of a multi-layer spec.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flax.core import FrozenDict
 from rtrl_jax._src import registry
 from rtrl_jax._src.base import Estimator
 from rtrl_jax._src.cores import Core, cast_floating, from_linen
+from rtrl_jax._src.feedback import FEEDBACK_KINDS, feedback_head
 from rtrl_jax._src.layers import StackedCell, linen_online_core
 from rtrl_jax._src.memory import available_memory, format_bytes, parse_bytes, tree_bytes
 from rtrl_jax._src.registry import REQUIRED
@@ -150,16 +152,20 @@ def build_optimizer(
     *,
     update_every: int = 1,
     clip: float = 0.0,
+    feedback: str = "symmetric",
     key: str = "train.optimizer",
 ) -> optax.GradientTransformation:
     """The Optax optimizer ``name`` at ``learning_rate``.
 
     ``clip > 0`` clips the global gradient norm before it; ``update_every > 1`` wraps it in
-    ``optax.MultiSteps`` (the update is applied every k steps). The same arguments give the same
-    (stateless) transformation, so specs built again reuse the trainer's compiled chunks.
+    ``optax.MultiSteps`` (the update is applied every k steps). With ``feedback="random"`` (the
+    head of :func:`build_head`) the head's ``"feedback"`` matrix gets a zero update, so that it
+    stays fixed under every optimizer, weight decay (``adamw``) included. The same arguments give
+    the same (stateless) transformation, so specs built again reuse the trainer's compiled chunks.
     """
     check_name(key, name, OPTIMIZERS, "optimizer")
-    return _optimizer(name, learning_rate, update_every, clip)
+    optimizer = _optimizer(name, learning_rate, update_every, clip)
+    return _fixed_feedback(optimizer) if feedback == "random" else optimizer
 
 
 @functools.lru_cache(maxsize=64)
@@ -174,9 +180,48 @@ def _optimizer(
     return optimizer
 
 
-def init_head(key: jax.Array, core: Core, num_classes: int, dtype: Any) -> tuple[Head, Any]:
-    """The linear softmax readout on ``core``'s output and its parameters."""
-    head = linear_head()
+def _is_feedback(path: tuple) -> bool:
+    """Whether a leaf at ``path`` of ``{"core": ..., "head": ...}`` is the head's feedback matrix."""
+    return [getattr(entry, "key", None) for entry in path[:2]] == ["head", "feedback"]
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_feedback(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` on every parameter but the head's feedback matrix, which gets a zero update."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "fixed" if _is_feedback(path) else "trained", params
+        )
+
+    return optax.multi_transform({"trained": optimizer, "fixed": optax.set_to_zero()}, labels)
+
+
+FEEDBACK = ("symmetric", *FEEDBACK_KINDS)
+"""``model.feedback`` names: the readout kernel, or a random or adaptive feedback matrix."""
+
+
+def build_head(feedback: str = "symmetric", *, key: str = "model.feedback") -> Head:
+    """The linear softmax readout whose learning signal goes through ``feedback``.
+
+    Args:
+      feedback: ``symmetric`` (:func:`~rtrl_jax.linear_head`: the readout kernel, the true
+        gradient), ``random`` or ``adaptive`` (:func:`~rtrl_jax.feedback_head`: a fixed random
+        feedback matrix, or one that gets the readout kernel's gradient).
+      key: the spec key of ``feedback`` (for messages).
+
+    Raises:
+      ConfigError: an unknown feedback, naming ``key`` and the allowed values.
+    """
+    check_name(key, feedback, FEEDBACK, "feedback")
+    return linear_head() if feedback == "symmetric" else feedback_head(feedback)
+
+
+def init_head(
+    key: jax.Array, core: Core, num_classes: int, dtype: Any, feedback: str = "symmetric"
+) -> tuple[Head, Any]:
+    """The readout of :func:`build_head` on ``core``'s output and its parameters."""
+    head = build_head(feedback)
     return head, head.init(key, core.output_shape[-1], num_classes, dtype)
 
 
@@ -405,7 +450,9 @@ def _check_train(spec: RunConfig) -> None:
 
 def is_one_core(model: ModelConfig) -> bool:
     """Whether ``model`` is one recurrent core and a linear readout (every whole-model key at its default)."""
-    return model == ModelConfig(cell=model.cell, hidden=model.hidden, dtype=model.dtype)
+    return model == ModelConfig(
+        cell=model.cell, hidden=model.hidden, dtype=model.dtype, feedback=model.feedback
+    )
 
 
 def _per_layer(model: ModelConfig, field: str, shared: Any, shared_key: str) -> list[tuple[Any, str]]:
@@ -501,6 +548,13 @@ def build_model(spec: RunConfig, input_size: int, num_outputs: int) -> tuple[Onl
     """
     model = spec.model
     check_name("model.head", model.head, names.HEADS, "head")
+    check_name("model.feedback", model.feedback, FEEDBACK, "feedback")
+    if model.feedback != "symmetric":
+        raise ConfigError(
+            f"model.feedback: {model.feedback!r} needs the one-core model (one layer, model.head=linear,"
+            " every other whole-model key at its default); a whole model's readout sends the learning"
+            " signal through its kernel. Allowed here: symmetric."
+        )
     check_name("model.norm", model.norm, list(names.NORMS), "norm")
     check_name("model.traces", model.traces, names.TRACES, "trace layout")
     kinds = _per_layer(model, "layer_cells", model.cell, "model.cell")
@@ -581,13 +635,15 @@ def _build_run(spec: RunConfig) -> Experiment:
     core = build_core(spec.model, task.input_size)
     estimator = build_estimator(spec.estimator, spec.estimator_options, core)
     train = spec.train
-    optimizer = build_optimizer(train.optimizer, train.learning_rate, update_every=train.update_every)
+    optimizer = build_optimizer(
+        train.optimizer, train.learning_rate, update_every=train.update_every, feedback=spec.model.feedback
+    )
     key_core, key_head, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
-    head = linear_head()
+    head = build_head(spec.model.feedback)
 
     def make_state():
         core_params, _ = core.init(key_core, dtype)
-        _, head_params = init_head(key_head, core, task.num_classes, dtype)
+        head_params = head.init(key_head, core.output_shape[-1], task.num_classes, dtype)
         return init_train_state(
             core, estimator, optimizer, core_params, head_params, batch_size=train.batch_size, key=key_state
         )
@@ -613,7 +669,7 @@ def _build_compare(spec: CompareConfig) -> CompareJob:
         estimators[label] = build_estimator(name, options, core, key=key, options_key=key)
     key_core, key_head, key_data, key_run = jax.random.split(jax.random.PRNGKey(spec.seed), 4)
     params, carry = core.init(key_core, dtype)
-    head, head_params = init_head(key_head, core, task.num_classes, dtype)
+    head, head_params = init_head(key_head, core, task.num_classes, dtype, spec.model.feedback)
     stream = task.sample(key_data, spec.steps)
     return CompareJob(
         spec, task, core, estimators, rtrl(core), params, carry, head, head_params, stream, key_run, dtype

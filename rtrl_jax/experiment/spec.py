@@ -26,11 +26,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The model: recurrent layers, an optional encoder, norms and residuals, and a head.
 
-    With every key but ``cell``, ``hidden`` and ``dtype`` at its default the model is one recurrent
-    core and a linear softmax readout, trained by the core+head trainer. Any other value makes it a
-    whole Flax model (:class:`~rtrl_jax.experiment.OnlineStack`): an optional Dense encoder, then
-    ``layers`` online recurrent layers (bottom first), each with its own trace and estimator, then
-    the head; gradients cross layers at the current step only (``rtrl_jax.OnlineRNN``).
+    With every key but ``cell``, ``hidden``, ``dtype`` and ``feedback`` at its default the model is
+    one recurrent core and a linear softmax readout, trained by the core+head trainer. Any other
+    value makes it a whole Flax model (:class:`~rtrl_jax.experiment.OnlineStack`): an optional
+    Dense encoder, then ``layers`` online recurrent layers (bottom first), each with its own trace
+    and estimator, then the head; gradients cross layers at the current step only (``rtrl_jax.OnlineRNN``).
 
     The ``layer_*`` lists are per layer, bottom first; empty means every layer takes the shared
     value (``cell``, ``hidden``, the run's ``estimator``). A given list has one entry per layer.
@@ -53,6 +53,13 @@ class ModelConfig:
       head: ``linear`` (a Dense readout) or ``mlp`` (a ReLU layer of ``head_hidden`` units, then
         the readout).
       head_hidden: units of the MLP head's hidden layer (0: the top layer's output width).
+      feedback: the matrix through which the readout sends the learning signal (the cotangent
+        ``c_t = B ∂L_t/∂y_t`` on the core's output) to the estimator: ``symmetric`` (``B = W``, the
+        readout kernel: the true gradient), ``random`` (``B`` drawn once and fixed, random e-prop /
+        feedback alignment: the optimizer leaves it unchanged, weight decay included) or
+        ``adaptive`` (``B`` gets the readout kernel's gradient and update, adaptive e-prop), see
+        :func:`rtrl_jax.feedback_head`. It applies to every estimator. ``random`` and ``adaptive``
+        need the one-core model (every other whole-model key at its default).
       residual: adds each layer's input to its output, for every layer above the first (their
         input and output widths must match).
       norm: ``none``, ``layer`` (LayerNorm) or ``rms`` (RMSNorm) after every recurrent layer (after
@@ -75,6 +82,7 @@ class ModelConfig:
     embedding: int = 0
     head: str = "linear"
     head_hidden: int = 0
+    feedback: str = "symmetric"
     residual: bool = False
     norm: str = "none"
     traces: str = "per_layer"
