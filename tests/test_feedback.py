@@ -15,6 +15,8 @@ import pytest
 
 import rtrl_jax
 from rtrl_jax._src.feedback import feedback_head
+from rtrl_jax.cli import main
+from rtrl_jax.experiment import ConfigError, build, load_config, restore_final_state
 
 pytestmark = pytest.mark.x64
 
@@ -139,3 +141,53 @@ def test_adaptive_feedback_follows_the_readout_update_with_weight_decay(problem)
 def test_feedback_kind_is_checked():
     with pytest.raises(ValueError, match="random, adaptive"):
         feedback_head("symmetric")
+
+
+# The config path: `model.feedback` builds these heads for `rtrl-jax train`; its optimizer keeps the
+# random matrix fixed even under weight decay (adamw), and with adamw the adaptive matrix, whose
+# gradient and Adam moments are the readout kernel's, follows B − W ← (1 − ηλ)(B − W) every step.
+CONFIG_LR, ADAMW_DECAY, CONFIG_STEPS = 0.1, 1e-4, 24  # ADAMW_DECAY: optax.adamw's default weight_decay
+
+
+def _train_from_the_command_line(out, feedback):
+    args = [
+        "task=evidence",
+        "model.cell=lif",
+        "model.hidden=4",
+        "estimator=eprop",
+        f"model.feedback={feedback}",
+    ]
+    args += ["task_options={num_cues: 1, cue_steps: 2, gap_steps: 1, delay_steps: 2, recall_steps: 2}"]
+    args += ["model.dtype=float64", "train.optimizer=adamw", f"train.learning_rate={CONFIG_LR}"]
+    args += [
+        f"train.steps={CONFIG_STEPS}",
+        f"train.chunk_size={CONFIG_STEPS}",
+        "train.checkpoint_every=0",
+        "train.batch_size=2",
+    ]
+    assert main(["train", "--quiet", "--out", str(out), *args]) == 0
+    initial = build(load_config(out / "config.yaml")).state.params["head"]
+    return initial, restore_final_state(out).params["head"]
+
+
+@pytest.mark.parametrize("feedback", ["random", "adaptive"])
+def test_feedback_from_the_config_trains_and_follows_its_rule(tmp_path, feedback):
+    initial, final = _train_from_the_command_line(tmp_path / feedback, feedback)
+    assert np.max(np.abs(final["kernel"] - initial["kernel"])) > 1e-3
+    if feedback == "random":
+        np.testing.assert_array_equal(final["feedback"], initial["feedback"])
+        return
+    assert np.max(np.abs(final["feedback"] - initial["feedback"])) > 1e-3
+    decay = (1 - CONFIG_LR * ADAMW_DECAY) ** CONFIG_STEPS
+    gap = initial["feedback"] - initial["kernel"]
+    _assert_close(final["feedback"] - final["kernel"], decay * gap)
+    assert np.max(np.abs(gap)) * (1 - decay) > 1e3 * TOL  # the decay is seen at the tolerance
+
+
+def test_feedback_config_values_are_checked():
+    with pytest.raises(
+        ConfigError, match="model.feedback: unknown feedback 'sym'; allowed: symmetric, random"
+    ):
+        build(load_config(None, ["model.feedback=sym", "model.hidden=2"]))
+    with pytest.raises(ConfigError, match="model.feedback: 'random' needs the one-core model"):
+        build(load_config(None, ["model.feedback=random", "model.head=mlp", "model.hidden=2"]))
