@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-
 from multilayer import _inference_step_s, _train, run_spec
+
 from rtrl_jax import bptt_value_and_grad, from_linen
 
 LAYERS = 4
@@ -107,7 +106,7 @@ def bptt_step_s(cfg: dict, hidden: int, num_classes: int, repeats: int) -> float
 
 
 def measure(hidden: int, chunk: int, batch_size: int, repeats: int, rtrl_max_hidden: int) -> dict:
-    """Seconds per step of (a)–(d) for the 4-layer LRU of ``hidden`` complex units, and their ratios to (a)."""
+    """Seconds per step of (a)–(d) for the 4-layer LRU of ``hidden`` complex units; ratios to (a)."""
     cfg = _config(chunk, batch_size, repeats)
     model = _model(hidden)
     times = {"forward": _inference_step_s(run_spec(cfg, model, TASK, INFERENCE), repeats)}
