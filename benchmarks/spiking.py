@@ -3,9 +3,10 @@
 Recurrent networks of LIF and ALIF neurons (:class:`rtrl_jax.LIFCell`, :class:`rtrl_jax.ALIFCell`)
 learn the evidence-accumulation task of Bellec et al. 2020 (:func:`rtrl_jax.evidence_task`) online,
 every step an Optax update, with each estimator of the config: e-prop with symmetric, random or
-adaptive feedback (per-estimator key ``feedback``: :func:`rtrl_jax.feedback_head`), RFLO, SnAp-1,
-and BPTT over the whole trial (``tbptt`` with a window of the episode's length; the trainer resets
-its trace at every episode start, so each step's window reaches back to the trial's first step).
+adaptive feedback (per-estimator key ``feedback``, the values of ``model.feedback``:
+:func:`rtrl_jax.experiment.build.build_head`), RFLO, SnAp-1, and BPTT over the whole trial
+(``tbptt`` with a window of the episode's length; the trainer resets its trace at every episode
+start, so each step's window reaches back to the trial's first step).
 
 Reported per cell and estimator: the recall-step cross-entropy and accuracy over the last tenth of
 the training episodes (online: each episode is new data, scored before the updates it causes), mean
@@ -29,9 +30,9 @@ import numpy as np
 
 from rtrl_jax._src import spiking, tasks
 from rtrl_jax._src.cores import from_linen
-from rtrl_jax._src.feedback import feedback_head
-from rtrl_jax._src.trainer import init_train_state, linear_head, make_train_chunk
+from rtrl_jax._src.trainer import init_train_state, make_train_chunk
 from rtrl_jax.experiment import ConfigError, build_estimator, build_optimizer, enable_dtype, read_yaml
+from rtrl_jax.experiment.build import FEEDBACK, build_head, check_name
 
 CELLS = {"lif": spiking.LIFCell, "alif": spiking.ALIFCell}
 
@@ -68,6 +69,9 @@ def load_config(path: str, overrides: list[str]) -> dict:
     for spec in cfg["estimators"]:
         if not isinstance(spec, dict) or "estimator" not in spec:
             raise ConfigError(f"estimators: each entry needs an 'estimator:' name, got {spec!r}.")
+        check_name(
+            f"estimators: {label(spec)}: feedback", spec.get("feedback", "symmetric"), FEEDBACK, "feedback"
+        )
     return cfg
 
 
@@ -97,6 +101,7 @@ class Setup(NamedTuple):
     episode: int
     core: Any
     estimator: Any
+    feedback: str
     head: Any
 
 
@@ -110,14 +115,17 @@ def setup(cfg: dict, cell_name: str, spec: dict) -> Setup:
     if estimator_options.get("window") == "episode":
         estimator_options["window"] = episode
     estimator = build_estimator(spec["estimator"], estimator_options, core, key=label(spec))
-    head = feedback_head(spec["feedback"]) if "feedback" in spec else linear_head()
-    return Setup(task, episode, core, estimator, head)
+    feedback = spec.get("feedback", "symmetric")
+    head = build_head(feedback, key=f"{label(spec)}: feedback")
+    return Setup(task, episode, core, estimator, feedback, head)
 
 
 def train(cfg: dict, run: Setup, learning_rate: float, seed: int) -> dict:
     """One online run: per-episode recall loss and accuracy (means over the batch) and its seconds."""
     dtype = enable_dtype(cfg["dtype"], key="dtype")
-    optimizer = build_optimizer(cfg["optimizer"], learning_rate, clip=cfg["clip"], key="optimizer")
+    optimizer = build_optimizer(
+        cfg["optimizer"], learning_rate, clip=cfg["clip"], feedback=run.feedback, key="optimizer"
+    )
     key_core, key_head, key_state, key_data = jax.random.split(jax.random.PRNGKey(seed), 4)
     core_params, _ = run.core.init(key_core, dtype)
     head_params = run.head.init(key_head, run.core.output_shape[-1], run.task.num_classes, dtype)
