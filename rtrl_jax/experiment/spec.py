@@ -155,7 +155,8 @@ class CompareConfig:
         ``estimator: name`` (e.g. ``ok2: {estimator: ok, rank: 2}``).
       task: a task name; its stream is the shared trajectory (the readout head is random and frozen).
       task_options: keyword options of the task.
-      model: the cell (default: a 16-unit ``simple`` cell).
+      model: the cell (default: a 16-unit ``simple`` cell); its ``feedback`` sets the learning
+        signal of every estimator and of the exact reference alike.
       steps: length of the trajectory.
       num_keys: random keys (estimator noise) vmapped over; bias and variance need ``≥ 2``.
       windows: window sizes for the windowed alignment.
