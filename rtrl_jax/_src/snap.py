@@ -72,7 +72,10 @@ class SnapState(NamedTuple):
       values: ``(E,)`` the kept entries of ``J_t``, column-major (by parameter, then by carry
         entry) as listed by :func:`snap_layout`; when every parameter keeps exactly one entry
         (SnAp-1 and RFLO of cells whose parameters each move one carry entry: vanilla, leaky and
-        gated RNNs), a pytree shaped like the parameters holding ``J[row(θ), θ]``.
+        gated RNNs), a pytree shaped like the parameters holding ``J[row(θ), θ]``; when every
+        parameter keeps the ``k ≥ 2`` entries of its own unit (SnAp-1 of a complex LRU), that
+        pytree with a trailing axis ``k`` (the unit's entries in ascending carry order, so that
+        raveled it is the column-major ``(E,)`` vector).
     """
 
     values: jax.Array
@@ -498,6 +501,9 @@ def _sparse_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> Estimat
     """The estimator over a compressed trace: SnAp when ``leak is None``, else RFLO's leak."""
     if _one_entry_per_parameter(layout, leak):
         return _per_parameter_trace_estimator(core, layout, leak)
+    unit_rows = None if leak is not None else _unit_blocks(layout)
+    if unit_rows is not None:
+        return _unit_block_trace_estimator(core, layout, unit_rows)
     rows = layout.rows
     num_entries = rows.size
 
@@ -579,11 +585,29 @@ def _rows_per_leaf(rows: np.ndarray, params: Any) -> Any:
 
 
 def _read_rows(vector: jax.Array, leaf_rows: np.ndarray) -> jax.Array:
-    """``vector[leaf_rows]`` for static rows: a slice when they are consecutive, else a gather."""
+    """``vector[..., leaf_rows]`` for static rows: a slice when they are consecutive, else a gather."""
     flat = leaf_rows.ravel()
     if flat.size and np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
-        return vector[flat[0] : flat[0] + flat.size].reshape(leaf_rows.shape)
-    return vector[leaf_rows]
+        return vector[..., flat[0] : flat[0] + flat.size].reshape(vector.shape[:-1] + leaf_rows.shape)
+    return vector[..., leaf_rows]
+
+
+def _flat_step_jacobians(core: Any, params: Any, carry: Any, x: Any):
+    """One step on the flat carry: ``(new_flat, out, unravel_carry, vjp in params, dynamics_jvp)``,
+    ``dynamics_jvp(tangents)`` being ``D_t`` applied to each row of ``tangents`` (linearised on call)."""
+    flat_carry, unravel_carry = ravel_pytree(carry)
+
+    def flat_step(p, h):
+        new_carry, out = core(p, unravel_carry(h), x)
+        return ravel_pytree(new_carry)[0], out
+
+    new_flat, immediate_vjp, out = jax.vjp(lambda p: flat_step(p, flat_carry), params, has_aux=True)
+
+    def dynamics_jvp(tangents):
+        _, jvp_fn = jax.linearize(lambda h: flat_step(params, h)[0], flat_carry)
+        return jax.vmap(jvp_fn)(tangents.astype(flat_carry.dtype))
+
+    return new_flat, out, unravel_carry, immediate_vjp, dynamics_jvp
 
 
 def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> Estimator:
@@ -607,22 +631,17 @@ def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> 
 
     def step(trace, params, carry, x, *, key=None):
         del key
-        flat_carry, unravel_carry = ravel_pytree(carry)
-
-        def flat_step(p, h):
-            new_carry, out = core(p, unravel_carry(h), x)
-            return ravel_pytree(new_carry)[0], out
-
-        new_flat, immediate_vjp, out = jax.vjp(lambda p: flat_step(p, flat_carry), params, has_aux=True)
+        new_flat, out, unravel_carry, immediate_vjp, dynamics_jvp = _flat_step_jacobians(
+            core, params, carry, x
+        )
         (immediate,) = immediate_vjp(jnp.ones_like(new_flat))
         row_of = _rows_per_leaf(rows, params)
         if leak is not None:
             decay = jnp.asarray(leak, new_flat.dtype)
             decay_of = jax.tree.map(lambda r: _read_rows(decay, r) if decay.ndim else decay, row_of)
         elif layout.pair_out.size:
-            _, jvp_fn = jax.linearize(lambda h: flat_step(params, h)[0], flat_carry)
-            compressed = jax.vmap(jvp_fn)(_indicators(layout.d_colour, flat_carry.dtype))  # (C, S)
-            diagonal = compressed[d_colour, jnp.arange(flat_carry.size)]
+            compressed = dynamics_jvp(_indicators(layout.d_colour, new_flat.dtype))  # (C, S)
+            diagonal = compressed[d_colour, jnp.arange(new_flat.size)]
             decay_of = jax.tree.map(lambda r: _read_rows(diagonal, r), row_of)
         else:
             decay_of = jax.tree.map(lambda r: jnp.zeros((), new_flat.dtype), row_of)
@@ -635,6 +654,83 @@ def _per_parameter_trace_estimator(core: Any, layout: SnapLayout, leak: Any) -> 
             lambda e, r, p: (_read_rows(flat_bar.astype(e.dtype), r) * e).astype(jnp.result_type(p)),
             trace.values,
             _rows_per_leaf(rows, params),
+            params,
+        )
+
+    return Estimator(init, step, grad)
+
+
+def _unit_blocks(layout: SnapLayout) -> np.ndarray | None:
+    """``(U, k)`` carry rows of the units, ascending, when every parameter keeps exactly the ``k ≥ 2``
+    entries of one unit and the units are disjoint (SnAp-1 of an element-wise recurrence whose units
+    hold several carry entries, such as a complex LRU's ``(Re h_k, Im h_k)``); else ``None``."""
+    num = layout.num_params
+    if num == 0 or layout.rows.size % num:
+        return None
+    k = layout.rows.size // num
+    if k < 2 or not np.array_equal(layout.cols, np.repeat(np.arange(num), k)):
+        return None
+    unit_rows = np.unique(layout.rows.reshape(num, k), axis=0)
+    return unit_rows if np.unique(unit_rows).size == unit_rows.size else None
+
+
+def _unit_block_trace_estimator(core: Any, layout: SnapLayout, unit_rows: np.ndarray) -> Estimator:
+    """SnAp when every parameter ``θ`` keeps the ``k`` entries ``J[r_m(u), θ]``, ``m < k``, of its own
+    unit ``u = u(θ)`` (rows ``r_0(u) < … < r_{k-1}(u)``, disjoint units): the trace is a pytree shaped
+    like the parameters with a trailing axis ``k`` (raveled: the column-major layout) and one step is
+
+        e_m(θ) ← I[r_m(u), θ] + Σ_m' D[r_m(u), r_m'(u)] e_m'(θ),
+
+    with ``I``'s entries from ``k`` ``vjp`` calls (cotangent: entry ``m`` of every unit; a parameter
+    moves its own unit only), ``D``'s ``k × k`` unit blocks read from the ``jvp`` calls of ``D``'s
+    column colouring, and the gradient ``Σ_m c[r_m(u)] e_m(θ)``. For a complex LRU this is the
+    per-parameter complex trace of Zucchet et al. 2023 (arXiv:2305.15947) held as its real and
+    imaginary parts; nothing is gathered or scattered over the ``kP`` entries, only over units.
+    """
+    num_units, k = unit_rows.shape
+    unit_of_row = np.zeros(layout.num_carry, np.int64)
+    unit_of_row[unit_rows] = np.arange(num_units)[:, None]
+    param_units = unit_of_row[layout.rows[::k]]
+    slots = np.zeros((k, layout.num_carry))
+    slots[np.arange(k)[:, None], unit_rows.T] = 1.0
+    # D[r_m(u), r_m'(u)] sits in the jvp of the colour of column r_m'(u), at row r_m(u)
+    block_rows = np.broadcast_to(unit_rows.T[:, None, :], (k, k, num_units))
+    block_cols = np.broadcast_to(unit_rows.T[None, :, :], (k, k, num_units))
+    block_colours = layout.d_colour[block_cols]
+    kept = set(zip(layout.d_rows.tolist(), layout.d_cols.tolist(), strict=True))
+    in_pattern = np.vectorize(lambda i, j: (int(i), int(j)) in kept)(block_rows, block_cols)
+
+    def init(params, carry, *, key=None):
+        del key
+        flat_carry, _ = ravel_pytree(carry)
+        dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
+        return SnapState(jax.tree.map(lambda p: jnp.zeros((*jnp.shape(p), k), dtype), params))
+
+    def step(trace, params, carry, x, *, key=None):
+        del key
+        new_flat, out, unravel_carry, immediate_vjp, dynamics_jvp = _flat_step_jacobians(
+            core, params, carry, x
+        )
+        (immediate,) = jax.vmap(immediate_vjp, out_axes=-1)(jnp.asarray(slots, new_flat.dtype))  # (*θ_l, k)
+        compressed = dynamics_jvp(_indicators(layout.d_colour, new_flat.dtype))  # (C, S)
+        blocks = jnp.where(in_pattern, compressed[block_colours, block_rows], 0)  # (k, k, U)
+
+        def propagate(e, i, units):
+            d = jnp.moveaxis(_read_rows(blocks, units), (0, 1), (-2, -1)).astype(e.dtype)  # (*, k, k)
+            return (i.astype(e.dtype) + jnp.sum(d * e[..., None, :], axis=-1)).astype(e.dtype)
+
+        values = jax.tree.map(propagate, trace.values, immediate, _rows_per_leaf(param_units, params))
+        return unravel_carry(new_flat), out, SnapState(values)
+
+    def grad(trace, params, carry_bar):
+        flat_bar, _ = ravel_pytree(carry_bar)
+        unit_bar = flat_bar[unit_rows.T]  # (k, U)
+        return jax.tree.map(
+            lambda e, units, p: jnp.sum(
+                jnp.moveaxis(_read_rows(unit_bar.astype(e.dtype), units), 0, -1) * e, axis=-1
+            ).astype(jnp.result_type(p)),
+            trace.values,
+            _rows_per_leaf(param_units, params),
             params,
         )
 
