@@ -70,6 +70,7 @@ from rtrl_jax._src.registry import register
 from rtrl_jax._src.snap import (
     SnapLayout,
     SnapState,
+    compressed_values,
     find_units,
     snap,
     snap_is_exact,
@@ -247,7 +248,7 @@ def sketched_rtrl(core: Any, rank: int = 1, *, append: int | None = None) -> Est
     def step(trace, params, carry, x, *, key=None):
         del key
         dtype = trace.bound.dtype
-        values = ravel_pytree(trace.snap.values)[0]  # S_{t-1}, compressed
+        values = compressed_values(trace.snap.values, params)  # S_{t-1}, compressed
         dynamics = _dynamics(core, params, carry, x).astype(dtype)
         new_carry, out, snap_trace = inner.step(trace.snap, params, carry, x)
         off = dynamics * jnp.asarray(pattern.off_unit, dtype)  # D̂_t
