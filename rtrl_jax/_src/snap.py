@@ -746,7 +746,7 @@ def compressed_values(values: Any, params: Any) -> jax.Array:
       values: :attr:`SnapState.values` of any of its three storages.
       params: the parameters (their shapes tell the storages apart).
     """
-    if jax.tree.structure(values) != jax.tree.structure(params):
+    if jax.tree.structure(values) != jax.tree.structure(params):  # type: ignore[operator]  # jaxlib: no stub
         return values  # already the (E,) vector
     by_parameter = jax.tree.map(
         lambda v, p: jnp.moveaxis(v, 0, -1) if v.ndim > jnp.ndim(p) else v, values, params
