@@ -119,6 +119,28 @@ def test_copy_task_layout():
     np.testing.assert_array_equal(stream.targets[4:7], stream.inputs[0:3, :4])  # recall = pattern
 
 
+def test_copy_task_with_a_length_range_draws_each_episodes_length_and_recalls_its_pattern():
+    task = tasks.copy_task(length=5, num_symbols=3, min_length=2)
+    stream = jax.tree.map(np.asarray, task.sample(jax.random.PRNGKey(0), 400))
+    assert task.window is None and (task.input_size, task.num_classes) == (4, 3)
+    starts = [*np.flatnonzero(stream.reset), 400]
+    assert starts[0] == 0
+    lengths = []
+    for start, end in zip(starts[:-2], starts[1:-1], strict=True):  # the complete episodes
+        length = (end - start - 1) // 2
+        assert end - start == 2 * length + 1 and 2 <= length <= 5
+        shown = stream.inputs[start:end]
+        np.testing.assert_array_equal(shown[length], [0, 0, 0, 1])  # the delimiter
+        assert not shown[length + 1 :].any()  # blanks while recalling
+        np.testing.assert_array_equal(stream.mask[start:end], [0] * (length + 1) + [1] * length)
+        np.testing.assert_array_equal(stream.targets[start + length + 1 : end], shown[:length, :3])
+        assert not stream.targets[start : start + length + 1].any()
+        lengths.append(length)
+    assert set(lengths) == {2, 3, 4, 5}  # ~36 episodes: every length drawn
+    again = task.sample(jax.random.PRNGKey(0), 400)
+    assert all(np.array_equal(a, b) for a, b in zip(stream, again, strict=True))
+
+
 def test_add_task_targets_follow_the_formula():
     task = tasks.add_task(t1=2, t2=3)
     stream = task.sample(jax.random.PRNGKey(3), 50)
@@ -145,7 +167,10 @@ def test_add_task_baselines_match_the_paper():
     assert baselines["both"] == pytest.approx(0.45, abs=0.005)
 
 
-@pytest.mark.parametrize("bad", [dict(length=0), dict(num_symbols=1), dict(length=2.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(length=0), dict(num_symbols=1), dict(length=2.5), dict(length=3, min_length=4), dict(min_length=0)],
+)
 def test_copy_task_rejects_bad_options(bad):
     with pytest.raises(ValueError, match="copy"):
         tasks.copy_task(**bad)

@@ -140,7 +140,7 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def copy_task(length: int = 5, num_symbols: int = 2) -> Task:
+def copy_task(length: int = 5, num_symbols: int = 2, *, min_length: int | None = None) -> Task:
     """The copy task: see a pattern, then reproduce it after a delimiter.
 
     An episode has ``2 * length + 1`` steps: ``length`` random symbols (one-hot over
@@ -149,14 +149,28 @@ def copy_task(length: int = 5, num_symbols: int = 2) -> Task:
     a loss. Episodes follow each other in the stream, each starting with a reset. Chance level is a
     cross-entropy of ``log(num_symbols)`` per recall step.
 
+    With ``min_length`` below ``length`` every episode draws its own pattern length uniformly from
+    ``min_length .. length``, as in the length curricula of Graves et al. 2016 ("Hybrid computing
+    using a neural network with dynamic external memory", Nature 538) and Menick et al. 2020
+    (arXiv:2006.07232), which draw lengths ``1 .. L`` at curriculum level ``L``: the network keeps
+    practising the short patterns and cannot count on the recall starting at one fixed step. The
+    episodes' boundaries then depend on every earlier length, so such a task draws whole streams
+    only (``window`` is ``None``).
+
     Args:
-      length: symbols per pattern.
+      length: symbols per pattern (the longest, with ``min_length``).
       num_symbols: alphabet size (2 for bits).
+      min_length: the shortest pattern; ``None`` (or ``length``) for patterns of ``length`` each.
     """
     _check_positive("copy length", length)
     _check_positive("copy num_symbols", num_symbols)
     if num_symbols < 2:
         raise ValueError(f"copy num_symbols must be >= 2, got {num_symbols}.")
+    if min_length is not None and min_length != length:
+        _check_positive("copy min_length", min_length)
+        if min_length > length:
+            raise ValueError(f"copy min_length must be <= length ({length}), got {min_length}.")
+        return _variable_copy_task(min_length, length, num_symbols)
     episode = 2 * length + 1
 
     def sample(key, num_steps):
@@ -187,17 +201,43 @@ def copy_task(length: int = 5, num_symbols: int = 2) -> Task:
     def window_step(key, step):
         episode_index, phase = jnp.divmod(step, episode)
         symbols = jax.random.randint(jax.random.fold_in(key, episode_index), (length,), 0, num_symbols)
-        shown = jnp.where(phase == length, num_symbols, symbols[jnp.minimum(phase, length - 1)])
-        inputs = jax.nn.one_hot(shown, num_symbols + 1, dtype=jnp.float32) * (phase <= length)
-        recall = phase > length
-        recalled = symbols[jnp.clip(phase - length - 1, 0, length - 1)]
-        targets = jax.nn.one_hot(recalled, num_symbols, dtype=jnp.float32) * recall
-        return Stream(inputs, targets, recall.astype(jnp.float32), phase == 0)
+        return _copy_step(symbols, length, phase, num_symbols)
 
     def window(key, start, num_steps):
         return jax.vmap(window_step, in_axes=(None, 0))(key, start + jnp.arange(num_steps))
 
     return Task(f"copy(length={length})", num_symbols + 1, num_symbols, sample, True, window)
+
+
+def _copy_step(symbols: jax.Array, length: jax.Array | int, phase: jax.Array, num_symbols: int) -> Stream:
+    """Step ``phase`` of a copy episode whose pattern is ``symbols[:length]`` (one stream step)."""
+    last = symbols.shape[0] - 1
+    shown = jnp.where(phase == length, num_symbols, symbols[jnp.clip(phase, 0, last)])
+    inputs = jax.nn.one_hot(shown, num_symbols + 1, dtype=jnp.float32) * (phase <= length)
+    recall = phase > length
+    recalled = symbols[jnp.clip(phase - length - 1, 0, last)]
+    targets = jax.nn.one_hot(recalled, num_symbols, dtype=jnp.float32) * recall
+    return Stream(inputs, targets, recall.astype(jnp.float32), phase == 0)
+
+
+def _variable_copy_task(min_length: int, max_length: int, num_symbols: int) -> Task:
+    """:func:`copy_task` with each episode's pattern length uniform in ``min_length .. max_length``."""
+
+    def sample(key, num_steps):
+        num_episodes = -(-num_steps // (2 * min_length + 1))  # enough for the shortest episodes
+        key_lengths, key_symbols = jax.random.split(key)
+        lengths = jax.random.randint(key_lengths, (num_episodes,), min_length, max_length + 1)
+        symbols = jax.random.randint(key_symbols, (num_episodes, max_length), 0, num_symbols)
+        ends = jnp.cumsum(2 * lengths + 1)
+        steps = jnp.arange(num_steps)
+        episode_index = jnp.searchsorted(ends, steps, side="right")
+        phase = steps - (ends[episode_index] - (2 * lengths[episode_index] + 1))
+        return jax.vmap(_copy_step, in_axes=(0, 0, 0, None))(
+            symbols[episode_index], lengths[episode_index], phase, num_symbols
+        )
+
+    name = f"copy(length={min_length}..{max_length})"
+    return Task(name, num_symbols + 1, num_symbols, sample, True)
 
 
 def add_task(t1: int = 5, t2: int = 9) -> Task:
