@@ -41,7 +41,7 @@ from rtrl_jax._src.trainer import (
     linear_head,
 )
 from rtrl_jax.experiment import names
-from rtrl_jax.experiment.names import CELLS, DTYPES, NONFINITE_POLICIES, OPTIMIZERS, TASKS
+from rtrl_jax.experiment.names import CELLS, DTYPES, NONFINITE_POLICIES, OPTIMIZERS, SCHEDULES, TASKS
 from rtrl_jax.experiment.spec import CompareConfig, ConfigError, ModelConfig, RunConfig
 from rtrl_jax.experiment.stack import OnlineStack
 
@@ -150,6 +150,8 @@ def build_optimizer(
     name: str,
     learning_rate: float,
     *,
+    schedule: str = "constant",
+    decay_steps: int = 0,
     update_every: int = 1,
     clip: float = 0.0,
     feedback: str = "symmetric",
@@ -157,22 +159,39 @@ def build_optimizer(
 ) -> optax.GradientTransformation:
     """The Optax optimizer ``name`` at ``learning_rate``.
 
-    ``clip > 0`` clips the global gradient norm before it; ``update_every > 1`` wraps it in
+    ``schedule`` (:data:`SCHEDULES`) sets the rate of update ``k``: ``constant`` keeps
+    ``learning_rate``; ``cosine`` takes ``learning_rate · ½(1 + cos(π k / K))`` and ``linear``
+    ``learning_rate · (1 − k / K)``, both reaching 0 at ``K = decay_steps`` updates and staying
+    there. With a constant rate the noise of the last online updates stays in the final weights; a
+    rate decayed to 0 averages it out (Loshchilov & Hutter 2017, SGDR, arXiv:1608.03983, for the
+    cosine form). ``clip > 0`` clips the global gradient norm before it; ``update_every > 1`` wraps it in
     ``optax.MultiSteps`` (the update is applied every k steps). With ``feedback="random"`` (the
     head of :func:`build_head`) the head's ``"feedback"`` matrix gets a zero update, so that it
     stays fixed under every optimizer, weight decay (``adamw``) included. The same arguments give
     the same (stateless) transformation, so specs built again reuse the trainer's compiled chunks.
     """
     check_name(key, name, OPTIMIZERS, "optimizer")
-    optimizer = _optimizer(name, learning_rate, update_every, clip)
+    schedule_key = key.removesuffix("optimizer") + "schedule"  # train.optimizer -> train.schedule
+    check_name(schedule_key, schedule, SCHEDULES, "schedule")
+    if schedule != "constant" and decay_steps < 1:
+        raise ConfigError(f"{schedule_key}: {schedule} needs decay_steps >= 1, got {decay_steps}.")
+    optimizer = _optimizer(name, learning_rate, schedule, decay_steps, update_every, clip)
     return _fixed_feedback(optimizer) if feedback == "random" else optimizer
+
+
+def _learning_rate(learning_rate: float, schedule: str, decay_steps: int) -> float | optax.Schedule:
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(learning_rate, decay_steps)
+    if schedule == "linear":
+        return optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    return learning_rate
 
 
 @functools.lru_cache(maxsize=64)
 def _optimizer(
-    name: str, learning_rate: float, update_every: int, clip: float
+    name: str, learning_rate: float, schedule: str, decay_steps: int, update_every: int, clip: float
 ) -> optax.GradientTransformation:
-    optimizer = getattr(optax, name)(learning_rate)
+    optimizer = getattr(optax, name)(_learning_rate(learning_rate, schedule, decay_steps))
     if clip:
         optimizer = optax.chain(optax.clip_by_global_norm(clip), optimizer)
     if update_every > 1:
@@ -440,12 +459,18 @@ def _check_train(spec: RunConfig) -> None:
     train = spec.train
     check_name("train.optimizer", train.optimizer, OPTIMIZERS, "optimizer")
     check_name("train.nonfinite", train.nonfinite, NONFINITE_POLICIES, "policy")
+    check_name("train.schedule", train.schedule, SCHEDULES, "schedule")
     if train.checkpoint_every % train.chunk_size:
         raise ConfigError(
             f"train.checkpoint_every: {train.checkpoint_every} is not a multiple of"
             f" train.chunk_size={train.chunk_size} (checkpoints are taken at chunk ends);"
             " allowed: 0 or a multiple of the chunk size."
         )
+
+
+def _schedule(train: Any) -> dict[str, Any]:
+    """``build_optimizer``'s schedule arguments for ``train``: the rate decays over the run's updates."""
+    return {"schedule": train.schedule, "decay_steps": max(1, train.steps // train.update_every)}
 
 
 def is_one_core(model: ModelConfig) -> bool:
@@ -597,7 +622,9 @@ def build_model(spec: RunConfig, input_size: int, num_outputs: int) -> tuple[Onl
 def _build_model_run(spec: RunConfig, task: Task, dtype: Any) -> Experiment:
     model, layers = build_model(spec, task.input_size, task.num_classes)
     train = spec.train
-    optimizer = build_optimizer(train.optimizer, train.learning_rate, update_every=train.update_every)
+    optimizer = build_optimizer(
+        train.optimizer, train.learning_rate, **_schedule(train), update_every=train.update_every
+    )
     key_model, _, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
     x0 = jnp.zeros((train.batch_size, task.input_size), jnp.float32)
 
@@ -636,7 +663,11 @@ def _build_run(spec: RunConfig) -> Experiment:
     estimator = build_estimator(spec.estimator, spec.estimator_options, core)
     train = spec.train
     optimizer = build_optimizer(
-        train.optimizer, train.learning_rate, update_every=train.update_every, feedback=spec.model.feedback
+        train.optimizer,
+        train.learning_rate,
+        **_schedule(train),
+        update_every=train.update_every,
+        feedback=spec.model.feedback,
     )
     key_core, key_head, key_data, key_state = jax.random.split(jax.random.PRNGKey(train.seed), 4)
     head = build_head(spec.model.feedback)

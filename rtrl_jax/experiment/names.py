@@ -44,6 +44,9 @@ TASKS: dict[str, Callable[..., Task]] = {
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 """``train.optimizer`` names: Optax optimizers taking the learning rate as their first argument."""
 
+SCHEDULES = ("constant", "cosine", "linear")
+"""``train.schedule`` names: the learning rate held, or decayed to 0 over the run (cosine or linear)."""
+
 DTYPES = ("float32", "float64")
 """``model.dtype`` names."""
 
@@ -63,6 +66,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "NORMS",
     "OPTIMIZERS",
+    "SCHEDULES",
     "TASKS",
     "TRACES",
     "register_cell",

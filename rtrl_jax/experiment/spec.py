@@ -97,6 +97,9 @@ class TrainConfig:
       batch_size: independent streams trained together.
       optimizer: an Optax optimizer name (``sgd``, ``adam``, ``adamw``, ``rmsprop``, ``adagrad``).
       learning_rate: its learning rate (> 0).
+      schedule: ``constant`` (the rate held), or ``cosine`` / ``linear`` (decayed from
+        ``learning_rate`` to 0 over the run's ``steps // update_every`` updates, so that the final
+        weights carry little of the last updates' noise).
       update_every: apply the update every k steps (``optax.MultiSteps``; 1 = every step).
       chunk_size: steps per jitted chunk between progress reports.
       seed: the random seed of parameters, data and estimator noise.
@@ -116,6 +119,7 @@ class TrainConfig:
     batch_size: int = 8
     optimizer: str = "adam"
     learning_rate: float = 3e-3
+    schedule: str = "constant"
     update_every: int = 1
     chunk_size: int = 250
     seed: int = 0
