@@ -3,9 +3,9 @@
 A driver maps algorithm names (``rtrl``, ``uoro``, ``kf``, ``snap``, ``rflo``) to a function
 ``make_run(problem, steps) -> run``; ``run()`` performs ``steps`` online training steps of the tanh
 RNN of :mod:`problem` from a fresh state — forward step, trace update, gradient of the step loss
-from its cotangent ``w_t``, accumulated — and returns the accumulated gradient as the
-``(n, n + INPUT + 1)`` rows of :func:`problem.gradient_rows`. Timing: one untimed call (it
-compiles what a JIT compiles; ``warmup`` calls where one does not suffice), then the best of ``--repeats`` calls, divided by ``steps``.
+from its cotangent ``w_t ⊙ h_t``, accumulated — and returns the accumulated gradient as the
+``(n, n + INPUT + 1)`` rows of :func:`problem.gradient_rows`. Timing: ``warmup`` untimed calls
+(they compile what a JIT compiles), then the best of ``--repeats`` calls, divided by ``steps``.
 Deterministic algorithms also report their accumulated gradient over ``--check-steps`` steps at
 ``--check-n`` units, which the comparison driver checks against rtrl_jax's.
 """

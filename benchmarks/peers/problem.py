@@ -1,7 +1,8 @@
 """The tanh RNN and data every system of the peer comparison builds, from a seed, with NumPy only.
 
 ``h_t = tanh(W h_{t-1} + U x_t + b)``, ``h_0 = 0``, with ``n`` units and ``INPUT`` inputs; the step
-loss is ``L_t = w_t · h_t`` (its cotangent ``∂L_t/∂h_t = w_t`` is the data's second stream), so the
+loss is ``L_t = ½ Σ_i w_{t,i} h_{t,i}²`` with weights ``w_t`` from the data's second stream, so its
+cotangent is ``∂L_t/∂h_t = w_t ⊙ h_t`` (the loss ``benchmarks/speed_memory.py`` times), and the
 accumulated online gradient of exact RTRL over ``T`` steps is the BPTT gradient of ``Σ_t L_t``.
 Every driver (each in its own virtual environment) imports this file, so all of them train the
 identical network on identical inputs.
@@ -18,7 +19,7 @@ RFLO_LEAK = 0.9
 
 def tanh_rnn(n: int, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Float32 weights ``w_rec`` (n × n), ``w_in`` (n × INPUT), ``bias`` (n), inputs ``xs``
-    (steps × INPUT) and cotangents ``ws`` (steps × n) drawn from ``seed`` and ``n``."""
+    (steps × INPUT) and loss weights ``ws`` (steps × n) drawn from ``seed`` and ``n``."""
     rng = np.random.default_rng([seed, n])
     arrays = {
         "w_rec": 0.9 * rng.standard_normal((n, n)) / np.sqrt(n),

@@ -3,7 +3,7 @@
 Run by the interpreter of ``/work/peers/venv-braintrace`` (see ``setup.sh``; braintrace brings its
 own jax). The model is ``braintrace.nn.ValinaRNNCell(INPUT, n, activation='tanh')`` with the
 weights of :mod:`problem` (its one ``Linear`` reads ``[x; h]``); ``etrace_grad`` drives the
-sequence, calling the learner once per step, with the step loss ``w_t · h_t`` and
+sequence, calling the learner once per step, with the step loss ``½ Σ w_t ⊙ h_t²`` and
 ``reduction='sum'``, inside ``brainstate.transform.jit`` (two untimed calls: the second still
 compiles). Algorithms: exact RTRL is ``SnAp(n=2)`` (for a fully connected cell SnAp-2 saturates
 to within-group RTRL, which is exact here: one hidden group), SnAp-1 is ``SnAp(n=1)``, UORO is
@@ -51,7 +51,7 @@ def _make_run(name):
             learner = braintrace.compile(model, algorithm, xs[0], **options)
 
         def step_loss(x, w):
-            return jnp.sum(learner(x) * w)
+            return 0.5 * jnp.sum(w * learner(x) ** 2)
 
         @brainstate.transform.jit
         def scan(xs, ws):
@@ -72,10 +72,7 @@ def _make_run(name):
 if __name__ == "__main__":
     drive(
         "braintrace",
-        {
-            name: version(name)
-            for name in ("braintrace", "brainstate", "jax", "jaxlib", "numpy")
-        }
+        {name: version(name) for name in ("braintrace", "brainstate", "jax", "jaxlib", "numpy")}
         | {"python": sys.version.split()[0]},
         {name: _make_run(name) for name in ALGORITHMS},
         notes="JAX, its own scan (etrace_grad) jitted; exact RTRL = SnAp(n=2); no KF-RTRL, no RFLO",

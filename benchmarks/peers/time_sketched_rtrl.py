@@ -4,7 +4,7 @@ UORO, KF-RTRL and RFLO).
 Run by the interpreter of ``/work/peers/venv-sketched-rtrl`` (see ``setup.sh``), with the clone of
 https://github.com/sonaradarcn/sketched-rtrl in ``$PEERS_DIR/sketched-rtrl``. One step, as in its
 ``OnlineLearner.step``: ``h = cell(x, h)``, ``A, imm = cell.jac_pieces(x, h_prev, h)``,
-``algo.step_state(A, imm)``, ``algo.grad_rows(w_t)`` (the readout and optimizer are left out, as
+``algo.step_state(A, imm)``, ``algo.grad_rows(w_t ⊙ h_t)`` (the readout and optimizer are left out, as
 in every system here), under ``torch.no_grad()``, batch 1, float32, on the CPU. Its SnAp-1 is
 ``SKRTRL`` with ``r = 0``, which also updates its error certificate every step; its RFLO trace is
 ``S_t = (1 - 1/τ) S_{t-1} + I_t`` with ``τ = 1 / (1 - RFLO_LEAK)``.
@@ -68,7 +68,7 @@ def _make_run(name):
                 h = cell(xs[t], h_prev)
                 a, imm = cell.jac_pieces(xs[t], h_prev, h)
                 algo.step_state(a, imm)
-                total += algo.grad_rows(ws[t])
+                total += algo.grad_rows(ws[t] * h)
             return total.numpy()  # rows [∂W | ∂U | ∂b], as problem.gradient_rows
 
         return run

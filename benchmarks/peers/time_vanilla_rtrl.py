@@ -4,8 +4,9 @@ Run by the interpreter of ``/work/peers/venv-vanilla-rtrl`` (see ``setup.sh``), 
 https://github.com/omarschall/vanilla-rtrl in ``$PEERS_DIR/vanilla-rtrl``. Its RNN is
 ``a_t = (1 - α) a_{t-1} + α tanh(W_rec a_{t-1} + W_in x_t + b_rec)``; ``α = 1`` is the tanh RNN of
 :mod:`problem`. One step, as in its ``Simulation``: ``rnn.next_state(x)``,
-``learn_alg.update_learning_vars()``, the feedback ``q = w_t`` set where ``propagate_feedback_to_hidden``
-would, ``learn_alg.get_rec_grads()`` (the readout's gradient is left out, as in every system here).
+``learn_alg.update_learning_vars()``, the feedback ``q = w_t ⊙ a_t`` set where
+``propagate_feedback_to_hidden`` would, ``learn_alg.get_rec_grads()`` (the readout's gradient is
+left out, as in every system here).
 The library keeps its influence matrix in float64 (``np.zeros``) and builds ``[a; x; 1]`` with an
 integer ``1``, so its arithmetic is float64 although the weights and data are float32. Its RFLO
 filters ``α_RFLO · I_t`` (Murray's convention) with ``α_RFLO = 1 - RFLO_LEAK``; the gradient is
@@ -67,7 +68,7 @@ def _make_run(name):
             for t in range(steps):
                 rnn.next_state(problem["xs"][t])
                 learner.update_learning_vars()
-                learner.q = problem["ws"][t]
+                learner.q = problem["ws"][t] * rnn.a
                 total = total + learner.get_rec_grads()
             return total / scale  # rows [∂W_rec | ∂W_in | ∂b_rec], as problem.gradient_rows
 
