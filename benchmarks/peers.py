@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
 import _report  # noqa: E402
-from common import DETERMINISTIC, SLOW  # noqa: E402
+from common import DETERMINISTIC, PEERS_DIR, SLOW  # noqa: E402
 from problem import INPUT, RFLO_LEAK, gradient_rows, tanh_rnn  # noqa: E402
 from speed_memory import _train_scan  # noqa: E402
 
@@ -151,7 +151,7 @@ def sweep_rtrl_jax(args):
 
 
 def peer_command(peer, args):
-    python = Path(args.peers_dir) / f"venv-{peer}" / "bin" / "python"
+    python = args.peers_dir / f"venv-{peer}" / "bin" / "python"
     script = HERE / "peers" / f"time_{peer.replace('-', '_')}.py"
     options = ["--sizes", *map(str, args.sizes), "--algorithms", *args.algorithms]
     for flag in ("steps", "fast_steps", "repeats", "check_n", "check_steps", "seed"):
@@ -243,7 +243,7 @@ def markdown(table, checks, peers, check_reference):
 def main(argv=None):
     parser = _report.parser(__doc__)
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
-    parser.add_argument("--peers-dir", default=os.environ.get("PEERS_DIR", "/work/peers"))
+    parser.add_argument("--peers-dir", type=Path, default=PEERS_DIR)
     parser.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
     parser.add_argument("--sizes", nargs="*", type=int, default=[32, 64, 128, 256])
     parser.add_argument("--steps", type=int, default=10, help="steps per timed call, exact RTRL and KF")
@@ -257,7 +257,7 @@ def main(argv=None):
     parser.set_defaults(out=Path("benchmarks/results/peers.md"))
     args = parser.parse_args(argv)
 
-    env = thread_environment(args.threads)
+    env = thread_environment(args.threads) | {"PEERS_DIR": str(args.peers_dir)}
     os.environ.update({k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     cores = len(os.sched_getaffinity(0))
     if args.threads < cores:

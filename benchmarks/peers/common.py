@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 from problem import tanh_rnn
 
+# Where setup.sh puts the peers' clones and virtual environments: beside the repository by default.
+PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path(__file__).resolve().parents[3] / "peers"))
 # Algorithms whose step costs Θ(n³) or more: timed over --steps steps; the others over --fast-steps.
 SLOW = ("rtrl", "kf")
 # Algorithms with no sampling, whose gradient over a short run is compared across systems.
@@ -40,6 +45,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     result.add_argument("--check-steps", type=int, default=20)
     result.add_argument("--seed", type=int, default=0)
     return result
+
+
+def clone_commit(source: Path) -> str:
+    """The commit a peer's clone is checked out at."""
+    done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 def step_seconds(make_run: MakeRun, n: int, steps: int, repeats: int, seed: int, warmup: int) -> float:

@@ -1,6 +1,6 @@
 """Times braintrace (JAX; PyPI ``braintrace``) on its own scan, ``learner.etrace_grad``, jitted.
 
-Run by the interpreter of ``/work/peers/venv-braintrace`` (see ``setup.sh``; braintrace brings its
+Run by the interpreter of ``$PEERS_DIR/venv-braintrace`` (see ``setup.sh``; braintrace brings its
 own jax). The model is ``braintrace.nn.ValinaRNNCell(INPUT, n, activation='tanh')`` with the
 weights of :mod:`problem` (its one ``Linear`` reads ``[x; h]``); ``etrace_grad`` drives the
 sequence, calling the learner once per step, with the step loss ``½ Σ w_t ⊙ h_t²`` and

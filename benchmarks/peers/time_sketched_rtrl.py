@@ -1,7 +1,7 @@
 """Times the PyTorch ``sketched-rtrl`` reference implementation (SK-RTRL; its exact RTRL, SnAp-1,
 UORO, KF-RTRL and RFLO).
 
-Run by the interpreter of ``/work/peers/venv-sketched-rtrl`` (see ``setup.sh``), with the clone of
+Run by the interpreter of ``$PEERS_DIR/venv-sketched-rtrl`` (see ``setup.sh``), with the clone of
 https://github.com/sonaradarcn/sketched-rtrl in ``$PEERS_DIR/sketched-rtrl``. One step, as in its
 ``OnlineLearner.step``: ``h = cell(x, h)``, ``A, imm = cell.jac_pieces(x, h_prev, h)``,
 ``algo.step_state(A, imm)``, ``algo.grad_rows(w_t ⊙ h_t)`` (the readout and optimizer are left out, as
@@ -15,7 +15,6 @@ Usage: ``$PEERS_DIR/venv-sketched-rtrl/bin/python benchmarks/peers/time_sketched
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import drive  # noqa: E402
+from common import PEERS_DIR, clone_commit, drive  # noqa: E402
 from problem import INPUT, RFLO_LEAK  # noqa: E402
 
-SOURCE = Path(os.environ.get("PEERS_DIR", "/work/peers")) / "sketched-rtrl"
+SOURCE = PEERS_DIR / "sketched-rtrl"
 sys.path.insert(0, str(SOURCE))
 from skrtrl.algos import ExactRTRL, SnAp1  # noqa: E402
 from skrtrl.baselines import KFRTRL, RFLO, UORO  # noqa: E402
@@ -76,17 +75,12 @@ def _make_run(name):
     return make_run
 
 
-def _commit():
-    result = subprocess.run(["git", "-C", str(SOURCE), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip()
-
-
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     drive(
         "sketched-rtrl",
         {
-            "sketched-rtrl": _commit(),
+            "sketched-rtrl": clone_commit(SOURCE),
             "torch": torch.__version__,
             "numpy": np.__version__,
             "python": sys.version.split()[0],

@@ -1,6 +1,6 @@
 """Times the NumPy ``vanilla-rtrl`` reference implementation (Marschall, Cho & Savin 2020).
 
-Run by the interpreter of ``/work/peers/venv-vanilla-rtrl`` (see ``setup.sh``), with the clone of
+Run by the interpreter of ``$PEERS_DIR/venv-vanilla-rtrl`` (see ``setup.sh``), with the clone of
 https://github.com/omarschall/vanilla-rtrl in ``$PEERS_DIR/vanilla-rtrl``. Its RNN is
 ``a_t = (1 - α) a_{t-1} + α tanh(W_rec a_{t-1} + W_in x_t + b_rec)``; ``α = 1`` is the tanh RNN of
 :mod:`problem`. One step, as in its ``Simulation``: ``rnn.next_state(x)``,
@@ -18,18 +18,16 @@ Usage: ``$PEERS_DIR/venv-vanilla-rtrl/bin/python benchmarks/peers/time_vanilla_r
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import drive  # noqa: E402
+from common import PEERS_DIR, clone_commit, drive  # noqa: E402
 from problem import RFLO_LEAK  # noqa: E402
 
-SOURCE = Path(os.environ.get("PEERS_DIR", "/work/peers")) / "vanilla-rtrl"
+SOURCE = PEERS_DIR / "vanilla-rtrl"
 sys.path.insert(0, str(SOURCE))
 from core import RNN  # noqa: E402
 from functions import identity, mean_squared_error, tanh  # noqa: E402
@@ -77,15 +75,10 @@ def _make_run(name):
     return make_run
 
 
-def _commit():
-    result = subprocess.run(["git", "-C", str(SOURCE), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip()
-
-
 if __name__ == "__main__":
     drive(
         "vanilla-rtrl",
-        {"vanilla-rtrl": _commit(), "numpy": np.__version__, "python": sys.version.split()[0]},
+        {"vanilla-rtrl": clone_commit(SOURCE), "numpy": np.__version__, "python": sys.version.split()[0]},
         {name: _make_run(name) for name in ALGORITHMS},
         notes="NumPy loop; float64 arithmetic (the library's own state dtype); no SnAp-1",
     )
