@@ -79,18 +79,25 @@ def influence_balancing_core(n: int = 23, num_plus: int = 10, theta: float = 0.5
     return core, params, carry
 
 
-# per-estimator keys that are not estimator options: ``hidden`` runs that estimator at another
-# size than the config's (exact RTRL at the largest size its cost allows).
-_SPEC_KEYS = ("estimator", "label", "learning_rate", "hidden")
+# per-estimator keys that are not estimator options: ``hidden``, ``batch_size`` and ``steps`` run
+# that estimator at another size or budget than the config's (the expensive estimators at the
+# largest size their cost allows).
+_RUN_KEYS = ("hidden", "batch_size", "steps")
+_SPEC_KEYS = ("estimator", "label", "learning_rate", *_RUN_KEYS)
 
 
 def _estimator_label(spec: dict) -> str:
     options = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
     if "label" in spec:
         return spec["label"]
-    hidden = f" hidden={spec['hidden']}" if "hidden" in spec else ""
+    run = "".join(f" {k}={spec[k]}" for k in _RUN_KEYS if k in spec)
     lr = f" lr={spec['learning_rate']}" if "learning_rate" in spec else ""
-    return spec["estimator"] + "".join(f" {k}={v}" for k, v in options.items()) + hidden + lr
+    return spec["estimator"] + "".join(f" {k}={v}" for k, v in options.items()) + run + lr
+
+
+def _run_config(cfg: dict, spec: dict) -> dict:
+    """``cfg`` with ``spec``'s own ``hidden``, ``batch_size`` and ``steps`` (:data:`_RUN_KEYS`)."""
+    return {**cfg, **{k: spec[k] for k in _RUN_KEYS if k in spec}}
 
 
 def _make(spec: dict, core: Core):
@@ -172,7 +179,14 @@ def _machinery(setting: str) -> _Machinery:
     model = ModelConfig(cell=s["cell"], hidden=s["hidden"], dtype=s["dtype"])
     core = build_core(model, s["input_size"], key="cell")
     estimator = _make(s["spec"], core)
-    optimizer = build_optimizer(s["optimizer"], s["learning_rate"], clip=s["clip"], key="optimizer")
+    optimizer = build_optimizer(
+        s["optimizer"],
+        s["learning_rate"],
+        schedule=s["schedule"],
+        decay_steps=s["steps"],
+        clip=s["clip"],
+        key="optimizer",
+    )
     head, _ = init_head(jax.random.PRNGKey(0), core, s["num_classes"], jnp.dtype(s["dtype"]))
     chunk = make_train_chunk(core, estimator, optimizer, head=head)
     return _Machinery(core, estimator, optimizer, head, chunk, _bpc_evaluator(core, head, s["num_classes"]))
@@ -188,11 +202,12 @@ class _Learner:
 
     def __init__(self, cfg: dict, spec: dict, input_size: int, num_classes: int, seed: int):
         dtype = enable_dtype(cfg["dtype"], key="dtype")
-        setting = {key: cfg[key] for key in ("cell", "hidden", "dtype", "optimizer", "learning_rate", "clip")}
+        cfg = _run_config(cfg, spec)
+        keys = ("cell", "hidden", "dtype", "optimizer", "learning_rate", "schedule", "steps", "clip")
+        setting = {key: cfg[key] for key in keys}
         setting.update(
-            hidden=spec.get("hidden", cfg["hidden"]),
             learning_rate=spec.get("learning_rate", cfg["learning_rate"]),
-            spec={k: v for k, v in spec.items() if k not in ("hidden", "learning_rate")},
+            spec={k: v for k, v in spec.items() if k not in ("learning_rate", *_RUN_KEYS)},
             input_size=input_size,
             num_classes=num_classes,
         )
@@ -240,19 +255,29 @@ def _rates(cfg: dict, spec: dict) -> list[float]:
 
 
 def _sweep_then_seeds(
-    cfg: dict, spec: dict, run_seed: Callable[[dict, int], dict], loss: Callable[[dict], float]
+    cfg: dict,
+    spec: dict,
+    run_seed: Callable[[dict, int], dict],
+    loss: Callable[[dict], float],
+    sweep_seed: Callable[[dict, int], dict] | None = None,
 ) -> tuple[float, list[dict], dict[str, float]]:
     """Runs ``spec`` at every rate of :func:`_rates` on seed 0, then seeds ``1 .. seeds-1`` at the
     rate whose seed-0 run has the lowest ``loss`` (non-finite counts as worst).
 
+    With ``sweep_seed`` (a cheaper run, e.g. a shorter one) and several rates, the rates are
+    compared on its seed-0 runs and every seed ``0 .. seeds-1`` then runs at the best rate.
+
     Returns:
       ``(best rate, the runs at it (one per seed), {rate: seed-0 loss})``.
     """
-    first = {rate: run_seed({**spec, "learning_rate": rate}, 0) for rate in _rates(cfg, spec)}
+    rates = _rates(cfg, spec)
+    sweep_seed = sweep_seed if sweep_seed is not None and len(rates) > 1 else run_seed
+    first = {rate: sweep_seed({**spec, "learning_rate": rate}, 0) for rate in rates}
     sweep = {str(rate): loss(run) for rate, run in first.items()}
     best = min(first, key=lambda rate: sweep[str(rate)] if np.isfinite(sweep[str(rate)]) else np.inf)
-    others = [run_seed({**spec, "learning_rate": best}, seed) for seed in range(1, cfg["seeds"])]
-    return best, [first[best], *others], sweep
+    kept = [first[best]] if sweep_seed is run_seed else []
+    others = [run_seed({**spec, "learning_rate": best}, seed) for seed in range(len(kept), cfg["seeds"])]
+    return best, [*kept, *others], sweep
 
 
 def _collect(runs: list[dict]) -> dict[str, list]:
@@ -394,24 +419,29 @@ def run_char_lm(cfg: dict) -> dict:
     measured before the update it causes (an online, held-out estimate: the curves). At the end
     the validation part is read by ``valid_streams`` contiguous segments, each from a zero carry.
     Each estimator runs at every rate of ``learning_rates`` on seed 0 and the remaining seeds at
-    the rate with the lowest validation bits/char there (:func:`_sweep_then_seeds`).
+    the rate with the lowest validation bits/char there (:func:`_sweep_then_seeds`); with
+    ``sweep_fraction < 1`` the rates are compared on seed-0 runs of that fraction of the steps (the
+    rate schedule compressed to it) and all seeds then run the whole budget at the best rate. An
+    estimator's own ``hidden``, ``batch_size`` and ``steps`` replace the config's for it.
     """
     data = _char_data(cfg)
     size = data.vocab_size
     segment = len(data.valid) // cfg["valid_streams"]
     valid = data.valid[: segment * cfg["valid_streams"]].reshape(cfg["valid_streams"], segment)
 
-    def run_seed(spec: dict, seed: int) -> dict:
+    def run_seed(spec: dict, seed: int, fraction: float = 1.0) -> dict:
+        spec = {**spec, "steps": max(1, round(_run_config(cfg, spec)["steps"] * fraction))}
+        run = _run_config(cfg, spec)
         learner = _Learner(cfg, spec, size, size, seed)
         shift = np.random.default_rng(3000 + seed).integers(len(data.train))
-        offsets = (np.arange(cfg["batch_size"]) * len(data.train) // cfg["batch_size"] + shift) % len(
+        offsets = (np.arange(run["batch_size"]) * len(data.train) // run["batch_size"] + shift) % len(
             data.train
         )
         start_time = time.perf_counter()
         loss = np.concatenate(
             [
-                learner.train(_char_chunk(data.train, offsets, b, min(cfg["chunk"], cfg["steps"] - b), size))
-                for b in range(0, cfg["steps"], cfg["chunk"])
+                learner.train(_char_chunk(data.train, offsets, b, min(run["chunk"], run["steps"] - b), size))
+                for b in range(0, run["steps"], run["chunk"])
             ]
         )
         return {
@@ -421,11 +451,14 @@ def run_char_lm(cfg: dict) -> dict:
             "wall_s": time.perf_counter() - start_time,
         }
 
+    if not 0 < cfg["sweep_fraction"] <= 1:
+        raise ConfigError(f"sweep_fraction: must be in (0, 1], got {cfg['sweep_fraction']!r}.")
+    short = functools.partial(run_seed, fraction=cfg["sweep_fraction"]) if cfg["sweep_fraction"] < 1 else None
     rows = {}
     for spec in cfg["estimators"]:
-        rate, runs, sweep = _sweep_then_seeds(cfg, spec, run_seed, lambda run: run["valid_bpc"])
+        rate, runs, sweep = _sweep_then_seeds(cfg, spec, run_seed, lambda run: run["valid_bpc"], short)
         rows[_estimator_label(spec)] = {
-            "hidden": spec.get("hidden", cfg["hidden"]),
+            **{k: _run_config(cfg, spec)[k] for k in _RUN_KEYS},
             "learning_rate": rate,
             "sweep_valid_bpc": sweep,
             **_collect(runs),
@@ -435,6 +468,7 @@ def run_char_lm(cfg: dict) -> dict:
         "train_chars": len(data.train),
         "valid_chars": int(valid.size),
         "unigram_bpc": _unigram_bpc(data.train, data.valid, size),
+        "sweep_fraction": cfg["sweep_fraction"],
         "results": rows,
     }
 
@@ -476,6 +510,7 @@ _TRAINER_DEFAULTS = {
     "dtype": "float32",
     "optimizer": "sgd",
     "learning_rate": 0.05,
+    "schedule": "constant",
     "clip": 0.0,
     "batch_size": 1,
     "steps": 10000,
@@ -572,17 +607,21 @@ def _copy_curriculum_table(result: dict) -> str:
 
 
 def _char_lm_table(result: dict) -> str:
+    fraction = result["sweep_fraction"]
+    sweep = "seed 0" if fraction == 1 else f"seed 0, {fraction:g} of the steps"
     lines = [
         f"Unigram baseline: {result['unigram_bpc']:.3f} bits/char (vocabulary {result['vocab_size']};"
         f" {result['train_chars']} training, {result['valid_chars']} validation characters).\n\n"
-        "| estimator | hidden | learning rate | validation bits/char (mean ± sd over seeds) | per seed"
-        " | steps/s | s/run | bits/char at each rate (seed 0) |\n|---|---|---|---|---|---|---|---|\n"
+        "| estimator | hidden | streams × steps | learning rate | validation bits/char (mean ± sd over"
+        f" seeds) | per seed | steps/s | s/run | bits/char at each rate ({sweep}) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     ]
     for label, r in result["results"].items():
         seeds = ", ".join(f"{v:.3f}" for v in r["valid_bpc"])
         rates = ", ".join(f"{k}: {v:.3f}" for k, v in r["sweep_valid_bpc"].items())
         lines.append(
-            f"| {label} | {r['hidden']} | {r['learning_rate']} | {np.mean(r['valid_bpc']):.4f} ±"
+            f"| {label} | {r['hidden']} | {r['batch_size']} × {r['steps']} | {r['learning_rate']} |"
+            f" {np.mean(r['valid_bpc']):.4f} ±"
             f" {np.std(r['valid_bpc']):.4f} | {seeds} | {_speed(r)} | {rates} |\n"
         )
     return "".join(lines)
@@ -694,6 +733,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "max_chars": None,
             "valid_fraction": 0.1,
             "valid_streams": 16,
+            "sweep_fraction": 1.0,
             "learning_rates": [],
             "estimators": [{"estimator": "rtrl"}],
         },
@@ -721,7 +761,7 @@ def _plot(document: dict, path: Path) -> None:
         with warnings.catch_warnings():  # all-NaN columns after a divergence
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(np.stack([c[:size] for c in curves]), axis=0)
-        x, xlabel = benchmark.x_axis(document["config"], size)
+        x, xlabel = benchmark.x_axis(_run_config(document["config"], r), size)
         ax.plot(x, mean, label=label)
     benchmark.decorate(ax, document)
     ax.set_xlabel(xlabel)

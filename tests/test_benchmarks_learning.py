@@ -128,6 +128,28 @@ def test_both_scales_load_and_run_a_few_steps(tmp_path, name, scale):
         assert len(row["wall_s"]) == 2 and all(s > 0 for s in row["steps_per_s"])
 
 
+def test_char_lm_sweeps_on_a_fraction_and_runs_an_estimator_at_its_own_size_and_budget(tmp_path):
+    overrides = [
+        f"text={_tiny_text(tmp_path)}",
+        *TINY["char_lm"],
+        "schedule=cosine",
+        "sweep_fraction=0.5",
+        "learning_rates=[0.01, 0.003]",
+        "estimators=[{estimator: snap, hidden: 2, batch_size: 3, steps: 4}]",
+    ]
+    doc = run_benchmark(load_benchmark_config(CONFIGS / "bench_char_lm.yaml", overrides), tmp_path)
+    row = doc["results"]["snap hidden=2 batch_size=3 steps=4"]
+    assert (row["hidden"], row["batch_size"], row["steps"]) == (2, 3, 4)  # not the config's 3, 2, 6
+    # every seed runs the whole budget; the sweep's seed-0 run is another, shorter one
+    assert [len(curve) for curve in row["train_bpc_curves"]] == [4, 4]
+    assert row["sweep_valid_bpc"][str(row["learning_rate"])] != row["valid_bpc"][0]
+    assert "| snap hidden=2 batch_size=3 steps=4 | 2 | 3 × 4 |" in (tmp_path / "char_lm.md").read_text()
+    with pytest.raises(ConfigError, match="sweep_fraction"):
+        run_benchmark(
+            load_benchmark_config(CONFIGS / "bench_char_lm.yaml", [*overrides, "sweep_fraction=0"]), tmp_path
+        )
+
+
 def test_char_lm_streams_read_the_text_contiguously_across_chunks_and_reset_where_they_wrap():
     ids = np.arange(10) % 4  # a 10-character text over 4 symbols
     offsets = np.array([0, 7])
