@@ -34,12 +34,12 @@ Usage::
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import flax.linen as nn
@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
 import _report  # noqa: E402
-from common import DETERMINISTIC, PEERS_DIR, SLOW  # noqa: E402
+from common import DETERMINISTIC, PEERS_DIR, SLOW, add_run_options, step_seconds  # noqa: E402
 from problem import INPUT, RFLO_LEAK, gradient_rows, tanh_rnn  # noqa: E402
 from speed_memory import _train_scan  # noqa: E402
 
@@ -103,19 +103,6 @@ def rtrl_jax_run(name, problem, steps):
     return run
 
 
-def rtrl_jax_step_seconds(name, n, steps, repeats, seed):
-    """Best of ``repeats`` timed calls of :func:`rtrl_jax_run` (fresh trace and scan, as every peer's
-    call makes its fresh state), over ``steps``."""
-    run = rtrl_jax_run(name, tanh_rnn(n, steps, seed), steps)
-    run()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best / steps
-
-
 def bptt_rows(problem):
     """The float32 BPTT gradient of ``Σ_t ½ Σ w_t ⊙ h_t²`` (``jax.grad`` through ``lax.scan``)."""
     n = problem["w_rec"].shape[0]
@@ -134,8 +121,14 @@ def sweep_rtrl_jax(args):
         {
             "algorithm": name,
             "n": n,
-            "step_s": rtrl_jax_step_seconds(
-                name, n, args.steps if name in SLOW else args.fast_steps, args.repeats, args.seed
+            # A timed call makes its fresh trace and runs the scan, as every peer's makes its state.
+            "step_s": step_seconds(
+                partial(rtrl_jax_run, name),
+                n,
+                args.steps if name in SLOW else args.fast_steps,
+                args.repeats,
+                args.seed,
+                warmup=1,
             ),
         }
         for name in args.algorithms
@@ -244,17 +237,9 @@ def main(argv=None):
     parser = _report.parser(__doc__)
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--peers-dir", type=Path, default=PEERS_DIR)
-    parser.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
-    parser.add_argument("--sizes", nargs="*", type=int, default=[32, 64, 128, 256])
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed call, exact RTRL and KF")
-    parser.add_argument("--fast-steps", type=int, default=100, help="steps per timed call, the others")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweeps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--check-n", type=int, default=32)
-    parser.add_argument("--check-steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(out=Path("benchmarks/results/peers.md"))
+    add_run_options(parser).set_defaults(out=Path("benchmarks/results/peers.md"), algorithms=list(ALGORITHMS))
     args = parser.parse_args(argv)
 
     env = thread_environment(args.threads) | {"PEERS_DIR": str(args.peers_dir)}

@@ -34,8 +34,8 @@ DETERMINISTIC = ("rtrl", "snap", "rflo")
 MakeRun = Callable[[Mapping[str, np.ndarray], int], Callable[[], np.ndarray]]
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(description=doc.splitlines()[0])
+def add_run_options(result: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a run, shared by the comparison driver and every peer's timing driver."""
     result.add_argument("--algorithms", nargs="*", default=None, help="default: all the driver has")
     result.add_argument("--sizes", nargs="*", type=int, default=[32, 64, 128, 256])
     result.add_argument("--steps", type=int, default=10, help="steps per timed call, exact RTRL and KF")
@@ -45,6 +45,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
     result.add_argument("--check-steps", type=int, default=20)
     result.add_argument("--seed", type=int, default=0)
     return result
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    return add_run_options(argparse.ArgumentParser(description=doc.splitlines()[0]))
 
 
 def clone_commit(source: Path) -> str:
