@@ -128,6 +128,7 @@ def test_both_scales_load_and_run_a_few_steps(tmp_path, name, scale):
         assert len(row["wall_s"]) == 2 and all(s > 0 for s in row["steps_per_s"])
 
 
+@pytest.mark.slow  # compiles the chunk three times (two sweep rates, the whole budget)
 def test_char_lm_sweeps_on_a_fraction_and_runs_an_estimator_at_its_own_size_and_budget(tmp_path):
     overrides = [
         f"text={_tiny_text(tmp_path)}",
