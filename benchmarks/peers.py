@@ -218,6 +218,18 @@ def markdown(table, checks, peers, check_reference):
             + " | ".join(cells)
             + f" | {verdict} |"
         )
+    held = [r for r in table if r["target_1"]]
+    lines += [
+        "",
+        f"Target 1 (rtrl_jax faster than every peer in every sweep) holds in {len(held)} of {len(table)} rows.",
+    ]
+    for row in table:
+        for peer, p in row["peers"].items():
+            if min(p["ratio"]) <= 1:
+                lines.append(
+                    f"- missed: {row['algorithm']}, n = {row['n']}: {peer} takes {_span(p['ratio'], '.2f')}× "
+                    f"rtrl_jax's time (rtrl_jax up to {1 / min(p['ratio']):.2f}× slower)"
+                )
     lines += [
         "",
         f"Same quantity: accumulated gradient over the check run against the reference ({check_reference});"
@@ -249,7 +261,7 @@ def main(argv=None):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
 
     sweeps = []
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     for index in range(args.sweeps):
         results = {"rtrl_jax": sweep_rtrl_jax(args)}
         for peer in args.peers:
@@ -269,7 +281,8 @@ def main(argv=None):
     details = (
         f"float32, batch 1, {args.threads} threads for every system on {cores} cores "
         f"({platform.processor() or platform.machine()}), {args.sweeps} sweeps, "
-        f"{time.perf_counter() - start:.0f} s in all; peers: "
+        f"{time.perf_counter() - start:.0f} s in all; 1-min load average {load_before:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after; peers: "
         + "; ".join(f"{p} ({', '.join(f'{k} {v}' for k, v in versions[p].items())})" for p in args.peers)
     )
     env_line = _report.environment(details)
@@ -284,7 +297,10 @@ def main(argv=None):
             "versions": versions,
             "table": table,
             "checks": checks,
-            "sweeps": sweeps,
+            "sweeps": [
+                {s: {k: v for k, v in r.items() if k != "check"} for s, r in sweep.items()}
+                for sweep in sweeps
+            ],
         }
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(md)
