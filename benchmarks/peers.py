@@ -221,7 +221,7 @@ def markdown(table, checks, peers, check_reference):
     held = [r for r in table if r["target_1"]]
     lines += [
         "",
-        f"Target 1 (rtrl_jax faster than every peer in every sweep) holds in {len(held)} of {len(table)} rows.",
+        f"Target 1 (rtrl_jax faster than every peer in every sweep): {len(held)} of {len(table)} rows.",
     ]
     for row in table:
         for peer, p in row["peers"].items():

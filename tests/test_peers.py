@@ -50,6 +50,8 @@ def test_compare_gives_ratios_within_each_sweep_and_the_target_only_when_every_p
     assert "| rtrl | 32 | 1.000–2.000 | 2.000–3.000 | 1.50–2.00 | 4.000 | 2.00–4.00 | yes |" in md
     assert "| uoro | 32 |" in md and "| **no** |" in md
     assert "| snap | 32 | 0.200–0.400 | – | – | – | – | no peer |" in md
+    assert "Target 1 (rtrl_jax faster than every peer in every sweep): 1 of 3 rows." in md
+    assert "- missed: uoro, n = 32: a takes 0.50–3.00× rtrl_jax's time (rtrl_jax up to 2.00× slower)" in md
 
 
 def test_compare_checks_each_gradient_against_the_reference():
