@@ -268,7 +268,12 @@ def main(argv=None):
             results[peer] = sweep_peer(peer, args, env)
         sweeps.append(results)
         print(f"sweep {index + 1}: {time.perf_counter() - start:.0f} s", flush=True)
+        # Written after every sweep, so a run stopped early leaves the sweeps it finished.
+        report(args, argv, sweeps, cores, time.perf_counter() - start, load_before)
 
+
+def report(args, argv, sweeps, cores, seconds, load_before):
+    """Checks the gradients of the first sweep, tabulates ``sweeps`` and writes ``args.out``."""
     problem = tanh_rnn(args.check_n, args.check_steps, args.seed)
     check = {}
     for name in (a for a in args.algorithms if a in DETERMINISTIC):
@@ -280,8 +285,8 @@ def main(argv=None):
     notes = {peer: sweeps[0][peer]["notes"] for peer in args.peers}
     details = (
         f"float32, batch 1, {args.threads} threads for every system on {cores} cores "
-        f"({platform.processor() or platform.machine()}), {args.sweeps} sweeps, "
-        f"{time.perf_counter() - start:.0f} s in all; 1-min load average {load_before:.2f} before, "
+        f"({platform.processor() or platform.machine()}), {len(sweeps)} of {args.sweeps} sweeps, "
+        f"{seconds:.0f} s in all; 1-min load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after; peers: "
         + "; ".join(f"{p} ({', '.join(f'{k} {v}' for k, v in versions[p].items())})" for p in args.peers)
     )
