@@ -61,8 +61,9 @@ def kf_merge(u: jax.Array, a: jax.Array, signs: jax.Array) -> tuple[jax.Array, j
     u1, a1, p1 = _balanced(u[0], a[0])
     u2, a2, p2 = _balanced(u[1], a[1])
     c1, c2 = signs[0].astype(u.dtype), signs[1].astype(u.dtype)
-    new_u = c1 * p1 * u1 + c2 * p2 * u2
-    new_a = c1 * a1 / p1 + c2 * a2 / p2
+    # Scalar coefficients first: one pass of multiply-adds over the factors, no division per entry.
+    new_u = (c1 * p1) * u1 + (c2 * p2) * u2
+    new_a = (c1 / p1) * a1 + (c2 / p2) * a2
     return new_u[None], new_a[None]
 
 

@@ -35,8 +35,9 @@ JVP costs several ``S × S`` products (a GRU's three hidden kernels, counted by
 :func:`carry_jvp_matvecs`), by forming ``D_t`` once and multiplying, whichever costs fewer FLOPs.
 
 **Serialised linear algebra.** In a program compiled for CPU the kernels' reductions run one after
-the other (:func:`after`: a data dependency on the previous kernel's result), as do the QR
-factorisations inside one r-OK reduction; GPU and TPU programs carry no such dependency. On CPU,
+the other when they call LAPACK (r-OK's QR factorisations; :func:`after`: a data dependency on the
+previous kernel's result), as do the QR factorisations inside one r-OK reduction; GPU and TPU
+programs carry no such dependency, nor do reductions without LAPACK calls (KF-RTRL's merge). On CPU,
 jaxlib's batched LAPACK kernels (under ``jax.vmap``: a batch of streams or of keys) split their
 batch over XLA's intra-op thread pool and block until the pieces are done; two such calls started
 at once on a two-thread pool each hold a thread and wait forever for the other (seen as a hang
@@ -314,7 +315,7 @@ def reverse_immediate(
 
 
 def kronecker_estimator(
-    core: Any, *, rank: int, reduce: ReduceFn, name: str, reverse: bool = False
+    core: Any, *, rank: int, reduce: ReduceFn, name: str, reverse: bool = False, serialise: bool = False
 ) -> Estimator:
     """An estimator that keeps ``rank`` Kronecker terms per Dense kernel of ``core``'s cell.
 
@@ -327,6 +328,8 @@ def kronecker_estimator(
       reverse: factor each kernel the other way round, ``J_W[s, i, j] ≈ Σ_q A_q[s, i] u_q[j]``
         (``u_q`` over the output index, ``A_q`` over the input index), with the immediate term
         entering as :func:`reverse_immediate` (its signs drawn from each kernel's key).
+      serialise: ``reduce`` calls LAPACK, so on CPU each kernel's reduction waits for the previous
+        one's result (module docstring); a reduction of element-wise work and norms runs free.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is a :class:`KroneckerState`; ``step`` needs
@@ -382,8 +385,8 @@ def kronecker_estimator(
                 u_new, a_new = reverse_immediate(u_new.astype(a.dtype), a_new.astype(a.dtype), signs)
             u_stack = jnp.concatenate([trace.u[k], u_new[None].astype(trace.u[k].dtype)])
             a_stack = jnp.concatenate([moved, a_new[None].astype(a.dtype)])
-            # One kernel's reduction after the other (serialised linear algebra: module docstring).
-            u_stack, a_stack = after((u_stack, a_stack), previous)
+            if serialise:  # one kernel's reduction after the other (module docstring)
+                u_stack, a_stack = after((u_stack, a_stack), previous)
             u_k, a_k = reduce(u_stack, a_stack, reduce_key)
             previous = (u_k, a_k)
             new_u.append(u_k)

@@ -142,7 +142,7 @@ def ok(core, *, rank: int = 1) -> Estimator:
     def reduce(u, a, key):
         return ok_reduce(u, a, jax.random.rademacher(key, (rank + 1,), dtype=u.dtype), rank)
 
-    return kronecker_estimator(core, rank=rank, reduce=reduce, name=f"{rank}-OK")
+    return kronecker_estimator(core, rank=rank, reduce=reduce, name=f"{rank}-OK", serialise=True)
 
 
 def ok_is_exact(core, *, rank: int = 1) -> bool:

@@ -13,7 +13,8 @@ odd in ``ν`` (``ρ1`` is even in ``ν``), so the estimate is unbiased. The scal
 minimise the variance of the cross terms (ε keeps them finite; the factors start at zero). The
 gradient of a step loss with carry cotangent ``c_t`` is ``(c_t · s̃) θ̃``.
 
-Cost per step: one JVP and one VJP of the cell, ``O(P)`` time and memory. ``θ̃`` is kept with the
+Cost per step: one JVP and one VJP of the cell, ``O(P)`` time and memory. The signs come 32 to a
+random word (:func:`~rtrl_jax._src.signs.random_signs`) and ``‖ν‖ = sqrt(S)``. ``θ̃`` is kept with the
 structure of the parameters (one array per leaf): flattening it into one vector would cost XLA:CPU a
 concatenation pass over ``P`` numbers per step, several times the cost of the cell itself.
 
@@ -31,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 
 from rtrl_jax._src.base import CoreFn, Estimator
 from rtrl_jax._src.registry import register
+from rtrl_jax._src.signs import random_signs
 
 
 class UOROState(NamedTuple):
@@ -92,15 +94,18 @@ def uoro(core: CoreFn, *, epsilon: float = 1e-7) -> Estimator:
             in_carry, (flat_carry,), (trace.carry_factor.astype(flat_carry.dtype),)
         )
         _, immediate_vjp = jax.vjp(lambda p: ravel_pytree(core(p, carry, x)[0])[0], params)
-        nu = jax.random.rademacher(key, new_flat_carry.shape, dtype=new_flat_carry.dtype)
+        nu = random_signs(key, new_flat_carry.shape, new_flat_carry.dtype)
         (nu_bar,) = immediate_vjp(nu)
         tangent, nu = tangent.astype(dtype), nu.astype(dtype)
         nu_bar = jax.tree.map(lambda a: a.astype(dtype), nu_bar)
         rho0 = jnp.sqrt((_norm(trace.params_factor) + epsilon) / (jnp.linalg.norm(tangent) + epsilon))
-        rho1 = jnp.sqrt((_norm(nu_bar) + epsilon) / (jnp.linalg.norm(nu) + epsilon))
+        nu_norm = jnp.sqrt(jnp.asarray(nu.size, dtype))  # every entry is ±1
+        rho1 = jnp.sqrt((_norm(nu_bar) + epsilon) / (nu_norm + epsilon))
+        # Scaled by reciprocals: one division per step, not one per parameter.
+        inv_rho0, inv_rho1 = 1 / rho0, 1 / rho1
         new_trace = UOROState(
             carry_factor=rho0 * tangent + rho1 * nu,
-            params_factor=jax.tree.map(lambda f, b: f / rho0 + b / rho1, trace.params_factor, nu_bar),
+            params_factor=jax.tree.map(lambda f, b: f * inv_rho0 + b * inv_rho1, trace.params_factor, nu_bar),
         )
         return unravel_carry(new_flat_carry), out, new_trace
 
