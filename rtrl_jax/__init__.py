@@ -41,7 +41,7 @@ from rtrl_jax._src.layers import (
     apply_model,
     split_model,
 )
-from rtrl_jax._src.live import live_step
+from rtrl_jax._src.live import PackedState, live_step, pack_state, unpack_state
 from rtrl_jax._src.memory import available_memory, parse_bytes, trace_bytes
 from rtrl_jax._src.ok import OKState, ok, ok_is_exact, ok_reduce
 from rtrl_jax._src.online import carry_cotangent, online_grad, online_step, rollout
@@ -140,6 +140,7 @@ __all__ = [
     "OnlineRNN",
     "OnlineState",
     "OnlineTrainState",
+    "PackedState",
     "RFLOState",
     "RKFState",
     "RTRLState",
@@ -201,6 +202,7 @@ __all__ = [
     "ok_reduce",
     "online_grad",
     "online_step",
+    "pack_state",
     "parse_bytes",
     "per_device_bytes",
     "random_mask",
@@ -235,6 +237,7 @@ __all__ = [
     "train_online",
     "tree_size",
     "unroll",
+    "unpack_state",
     "unregister",
     "uoro",
     "with_trace_dtype",
