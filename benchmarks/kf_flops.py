@@ -1,14 +1,19 @@
-"""What one KF-RTRL step computes: XLA's FLOP count of the compiled step against ``2 n³``.
+"""What one KF-RTRL (or r-OK) step computes and how fast: XLA's FLOP and byte counts of the
+compiled step against ``2 n³``, and its time against a square matmul timed in the same run.
 
 ``2 n³`` is one ``D_t A`` product for one ``n × n`` factor. A step propagates every stored
 carry-side row through ``D_t``: the ``A`` factor of every Dense kernel (``out`` rows each: a tanh
 RNN has an input and a recurrent kernel) and the rows of the parameters tracked exactly (the
-biases), so it costs ``2 · rows · n²``. The count is XLA's ``cost_analysis()`` of the compiled step
-(deterministic, no timing).
+biases), so it costs ``2 · rows · n²``. The counts are XLA's ``cost_analysis()`` of the compiled
+step (``flops``, ``bytes accessed``: deterministic). The time is one full online training step
+(``benchmarks/speed_memory.py``'s scan of step, grad and accumulation, best of ``--repeats``);
+``× square mm`` is its FLOP rate over the rate of one 1024³ float32 matmul measured at the start of
+the same run, ``step / 2n³ at mm rate`` the step's time in units of one ``2 n³`` product at that rate.
+``--no-time`` gives the deterministic columns only.
 
 Usage::
 
-    python benchmarks/kf_flops.py                # tanh RNN and GRU at n = 256
+    python benchmarks/kf_flops.py                # KF-RTRL, tanh RNN and GRU at n = 256
     python benchmarks/kf_flops.py --sizes 128 256 --estimators kf ok
 """
 
@@ -17,50 +22,89 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _report  # noqa: E402
+import speed_memory  # noqa: E402
 
 import rtrl_jax as rj  # noqa: E402
 from rtrl_jax._src.kronecker import kronecker_layout  # noqa: E402
 
-INPUT = 8
-CELLS = {"tanh": nn.SimpleCell, "gru": nn.GRUCell}
+SQUARE = 1024
+STEPS = 10
 
 
 def count(name, cell, n):
-    core = rj.from_linen(CELLS[cell](n), INPUT)
+    """XLA's cost analysis of one step: ``(flops, bytes accessed, rows through D_t)``."""
+    core = rj.from_linen(speed_memory.CELLS[cell](n), speed_memory.INPUT)
     params, carry = core.init(jax.random.PRNGKey(0))
     estimator = rj.make_estimator(name, core)
     trace = estimator.init(params, carry)
     step = jax.jit(lambda t, c, x, k: estimator.step(t, params, c, x, key=k))
-    cost = step.lower(trace, carry, jnp.ones(INPUT), jax.random.PRNGKey(1)).compile().cost_analysis()
+    x = jnp.ones(speed_memory.INPUT)
+    cost = step.lower(trace, carry, x, jax.random.PRNGKey(1)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     rank = trace.a[0].shape[0]
     rows = rank * sum(k.out_size for k in kronecker_layout(core).kernels) + trace.exact.shape[0]
-    flops = float(cost["flops"])
-    return f"| {name} | {cell} | {n} | {rows} | {flops:.3g} | {flops / (2 * n**3):.2f} | {rows / n:.2f} |"
+    return float(cost["flops"]), float(cost["bytes accessed"]), rows
 
 
 def main(argv=None):
     parser = _report.parser(__doc__)
     parser.add_argument("--sizes", nargs="+", type=int, default=[256])
     parser.add_argument("--estimators", nargs="+", default=["kf"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-time", action="store_true", help="XLA's counts only (deterministic)")
     args = parser.parse_args(argv)
-    header = "| estimator | cell | n | rows through D_t | XLA FLOPs | / 2n³ | rows / n |\n" + "|---" * 7 + "|"
+    timed = not args.no_time
+    square_rate = speed_memory.matmul_rate(SQUARE, SQUARE, SQUARE) if timed else None
+    columns = ["estimator", "cell", "n", "rows through D_t", "XLA FLOPs", "/ 2n³", "rows / n", "XLA MB"]
+    if timed:
+        columns += ["step ms", "GFLOP/s", "× square mm", "step / 2n³ at mm rate"]
+    header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
     print(header)
-    rows = []
+    lines, rows = [], []
     for name in args.estimators:
-        for cell in CELLS:
+        for cell in speed_memory.CELLS:
             for n in args.sizes:
-                rows.append(count(name, cell, n))
-                print(rows[-1], flush=True)
+                flops, nbytes, through = count(name, cell, n)
+                row = {
+                    "estimator": name,
+                    "cell": cell,
+                    "n": n,
+                    "rows": through,
+                    "flops": flops,
+                    "bytes": nbytes,
+                }
+                cells = [
+                    name,
+                    cell,
+                    n,
+                    through,
+                    f"{flops:.3g}",
+                    f"{flops / (2 * n**3):.2f}",
+                    f"{through / n:.2f}",
+                ]
+                cells.append(f"{nbytes / 1e6:.2f}")
+                if timed:
+                    step_s = speed_memory.bench_estimator(name, cell, n, 1, STEPS, args.repeats)["step_s"]
+                    row.update(step_s=step_s, fraction_of_square_matmul=flops / step_s / square_rate)
+                    cells += [f"{step_s * 1e3:.3f}", f"{flops / step_s / 1e9:.1f}"]
+                    cells += [
+                        f"{flops / step_s / square_rate:.2f}",
+                        f"{step_s * square_rate / (2 * n**3):.2f}",
+                    ]
+                rows.append(row)
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+                print(lines[-1], flush=True)
+    details = "FLOPs and bytes of one step"
+    if timed:
+        details += f"; float32, square {SQUARE} matmul {square_rate / 1e9:.1f} GFLOP/s in this run"
     _report.write(
-        args.out, "kf_flops.py", argv, _report.environment("FLOPs of one step"), "\n".join([header, *rows])
+        args.out, "kf_flops.py", argv, _report.environment(details), "\n".join([header, *lines]), rows
     )
 
 
