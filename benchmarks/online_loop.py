@@ -4,19 +4,23 @@ For each estimator, a batch of ``B`` streams of a GRU (``n`` units, float32, Ada
 trains online with :func:`rtrl_jax.live_step`: one jitted call of the whole train step per time
 step, the state donated. Timed per step, over ``T`` steps:
 
-- ``numpy``: the loop fed NumPy arrays (one ``(B, input)`` and one ``(B, classes)`` array per step);
-- ``device``: the loop fed arrays already on the device;
-- ``floor``: a trivial jitted function with the same arguments (the same state, inputs and targets,
-  hence the same number of argument leaves), returning the donated state unchanged: what JAX's
-  dispatch costs for those leaves with no arithmetic;
+- ``packed numpy``: the recommended loop, the state packed by :func:`rtrl_jax.pack_state` (one flat
+  buffer per dtype), fed NumPy arrays (one ``(B, input)`` and one ``(B, classes)`` array per step);
+- ``packed device``: the same loop fed arrays already on the device;
+- ``packed floor``: a trivial jitted function with the same arguments (the packed state, an input
+  and a target array, hence the same argument leaves), returning the donated state unchanged: what
+  JAX's dispatch costs for those leaves with no arithmetic;
+- ``plain device`` and ``plain floor``: the loop and its floor on the unpacked state (one argument
+  per leaf of the train state);
 - ``scan``: the same train step inside one ``jax.lax.scan`` (its arithmetic alone, no dispatch).
 
-Each of the three loops is run ``--rounds`` times, interleaved; the table gives the best round of
-each and the median over rounds of ``numpy / floor`` and ``device / floor`` (within a round).
+The loops are run ``--rounds`` times, interleaved; the table gives the best round of each and the
+median over rounds of each loop's ratio to its floor (within a round). ``--sync-dispatch`` turns
+off JAX's asynchronous CPU dispatch (``jax_cpu_enable_async_dispatch``) for the whole run.
 
 Usage::
 
-    python benchmarks/online_loop.py                               # n = 32, B = 1, T = 500
+    python benchmarks/online_loop.py                               # n = 32, B = 1, T = 300
     python benchmarks/online_loop.py --hidden 64 --batch 8 --estimators rtrl uoro --out results/x.md
 """
 
@@ -51,6 +55,10 @@ def _loop(step, state, xs, ys):
     return state, (time.perf_counter() - start) / len(xs)
 
 
+def _floor(state, x, y):
+    return state, None
+
+
 def bench(name, hidden, batch, steps, rounds, seed=0):
     core = rj.from_linen(nn.GRUCell(features=hidden), INPUT)
     estimator = rj.make_estimator(name, core, **OPTIONS.get(name, {}))
@@ -67,7 +75,7 @@ def bench(name, hidden, batch, steps, rounds, seed=0):
 
     train_step = rj.make_train_step(core, estimator, optimizer)
     step = rj.live_step(train_step)
-    floor = jax.jit(lambda state, x, y: (state, None), donate_argnums=0)
+    floor = jax.jit(_floor, donate_argnums=0)
 
     @jax.jit
     def scanned(state, xs, ys):
@@ -78,18 +86,28 @@ def bench(name, hidden, batch, steps, rounds, seed=0):
 
         return jax.lax.scan(body, state, (xs, ys))[0]
 
+    packed = rj.pack_state(state)
     leaves = len(jax.tree.leaves((state, xs[0], ys[0])))
-    state, _ = _loop(step, state, numpy_xs[:3], numpy_ys[:3])  # compile
-    state, _ = _loop(floor, state, numpy_xs[:3], numpy_ys[:3])
+    packed_leaves = len(jax.tree.leaves((packed, xs[0], ys[0])))
+    for loop_step in (step, floor):  # compile
+        state, _ = _loop(loop_step, state, numpy_xs[:3], numpy_ys[:3])
+        packed, _ = _loop(loop_step, packed, numpy_xs[:3], numpy_ys[:3])
     jax.block_until_ready(scanned(jax.tree.map(jnp.copy, state), xs, ys))
-    times = {"numpy": [], "device": [], "floor": [], "scan": []}
+    times = {
+        key: [] for key in ("packed_numpy", "packed_device", "packed_floor", "plain_device", "plain_floor")
+    }
+    times["scan"] = []
     for _ in range(rounds):
-        state, t = _loop(step, state, numpy_xs, numpy_ys)
-        times["numpy"].append(t)
+        packed, t = _loop(step, packed, numpy_xs, numpy_ys)
+        times["packed_numpy"].append(t)
+        packed, t = _loop(step, packed, device_xs, device_ys)
+        times["packed_device"].append(t)
+        packed, t = _loop(floor, packed, device_xs, device_ys)
+        times["packed_floor"].append(t)
         state, t = _loop(step, state, device_xs, device_ys)
-        times["device"].append(t)
+        times["plain_device"].append(t)
         state, t = _loop(floor, state, device_xs, device_ys)
-        times["floor"].append(t)
+        times["plain_floor"].append(t)
         start = time.perf_counter()
         jax.block_until_ready(scanned(state, xs, ys))
         times["scan"].append((time.perf_counter() - start) / steps)
@@ -99,23 +117,30 @@ def bench(name, hidden, batch, steps, rounds, seed=0):
         "hidden": hidden,
         "batch": batch,
         "argument_leaves": leaves,
+        "packed_argument_leaves": packed_leaves,
         **{f"{k}_us": float(v.min() * 1e6) for k, v in times.items()},
-        "numpy_over_floor": float(np.median(times["numpy"] / times["floor"])),
-        "device_over_floor": float(np.median(times["device"] / times["floor"])),
+        "packed_numpy_over_floor": float(np.median(times["packed_numpy"] / times["packed_floor"])),
+        "packed_device_over_floor": float(np.median(times["packed_device"] / times["packed_floor"])),
+        "plain_device_over_floor": float(np.median(times["plain_device"] / times["plain_floor"])),
+        "packed_over_scan": float(np.median(times["packed_device"] / times["scan"])),
     }
 
 
 HEADER = (
-    "| estimator | n | B | arg leaves | numpy µs | device µs | floor µs | scan µs | numpy / floor"
-    " | device / floor |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| estimator | n | B | leaves: plain / packed | packed numpy µs | packed device µs | packed floor µs"
+    " | plain device µs | plain floor µs | scan µs | packed numpy / floor | packed device / floor"
+    " | plain device / floor | packed device / scan |\n" + "|---" * 14 + "|"
 )
 
 
 def _row(r):
     return (
-        f"| {r['estimator']} | {r['hidden']} | {r['batch']} | {r['argument_leaves']} | {r['numpy_us']:.0f}"
-        f" | {r['device_us']:.0f} | {r['floor_us']:.0f} | {r['scan_us']:.0f} | {r['numpy_over_floor']:.2f}"
-        f" | {r['device_over_floor']:.2f} |"
+        f"| {r['estimator']} | {r['hidden']} | {r['batch']}"
+        f" | {r['argument_leaves']} / {r['packed_argument_leaves']}"
+        f" | {r['packed_numpy_us']:.0f} | {r['packed_device_us']:.0f} | {r['packed_floor_us']:.1f}"
+        f" | {r['plain_device_us']:.0f} | {r['plain_floor_us']:.0f} | {r['scan_us']:.0f}"
+        f" | {r['packed_numpy_over_floor']:.1f} | {r['packed_device_over_floor']:.1f}"
+        f" | {r['plain_device_over_floor']:.2f} | {r['packed_over_scan']:.2f} |"
     )
 
 
@@ -124,15 +149,19 @@ def main(argv=None):
     parser.add_argument("--estimators", nargs="+", default=["rtrl", "uoro", "kf", "rflo", "snap"])
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sync-dispatch", action="store_true", help="jax_cpu_enable_async_dispatch off")
     args = parser.parse_args(argv)
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     print(HEADER)
     rows = []
     for name in args.estimators:
         rows.append(bench(name, args.hidden, args.batch, args.steps, args.rounds))
         print(_row(rows[-1]), flush=True)
-    details = f"T = {args.steps} steps, {args.rounds} rounds"
+    dispatch = "synchronous" if args.sync_dispatch else "asynchronous"
+    details = f"T = {args.steps} steps, {args.rounds} rounds, {dispatch} CPU dispatch"
     table = "\n".join([HEADER, *map(_row, rows)])
     _report.write(args.out, "online_loop.py", argv, _report.environment(details), table, rows)
 
