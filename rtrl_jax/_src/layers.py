@@ -57,14 +57,19 @@ Example (linen; the nnx layer is :class:`NNXOnlineRNN`)::
         logits, state = model.apply({"params": params, **state}, x, mutable=["online"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state
 
-    @jax.jit
-    def train_step(params, opt_state, state, x, y):
-        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params, state, x, y)
+    def train_step(carried, batch):  # one step of the streams: batch.inputs, batch.targets
+        params, opt_state, state = carried
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(
+            params, state, batch.inputs, batch.targets
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, state, value
+        return (optax.apply_updates(params, updates), opt_state, state), value
 
+    step = rj.live_step(train_step)  # jitted once, the packed state donated: rtrl_jax.live_step
+    packed = rj.pack_state((params, opt_state, state))
     for x, y in zip(tokens[:-1], tokens[1:]):
-        params, opt_state, state, value = train_step(params, opt_state, state, x, y)
+        packed, value = step(packed, x, y)
+    params, opt_state, state = rj.unpack_state(packed)
 """
 
 from __future__ import annotations
