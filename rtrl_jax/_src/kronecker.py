@@ -214,24 +214,30 @@ class _Linearized(NamedTuple):
 
 class _Split(NamedTuple):
     kernels: list
+    other: list  # the leaves tracked exactly
     other_flat: jax.Array
-    rebuild: Callable[[list, jax.Array], Any]
+    rebuild: Callable[[list, jax.Array], Any]  # (kernel leaves, flat other) -> params
+    rebuild_leaves: Callable[[list, list], Any]  # (kernel leaves, other leaves) -> params
 
 
 def _split(layout: KroneckerLayout, params: Any) -> _Split:
     leaves, treedef = jax.tree.flatten(params)
     kernels = [leaves[i] for i in layout.kernel_leaves]
-    other_flat, unravel_other = ravel_pytree([leaves[i] for i in layout.other_leaves])
+    other = [leaves[i] for i in layout.other_leaves]
+    other_flat, unravel_other = ravel_pytree(other)
 
-    def rebuild(kernel_leaves, flat_other):
+    def rebuild_leaves(kernel_leaves, other_leaves):
         new = list(leaves)
         for i, leaf in zip(layout.kernel_leaves, kernel_leaves, strict=True):
             new[i] = leaf
-        for i, leaf in zip(layout.other_leaves, unravel_other(flat_other), strict=True):
+        for i, leaf in zip(layout.other_leaves, other_leaves, strict=True):
             new[i] = leaf
         return treedef.unflatten(new)
 
-    return _Split(kernels, other_flat, rebuild)
+    def rebuild(kernel_leaves, flat_other):
+        return rebuild_leaves(kernel_leaves, unravel_other(flat_other))
+
+    return _Split(kernels, other, other_flat, rebuild, rebuild_leaves)
 
 
 def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: Any) -> _Linearized:
@@ -242,7 +248,7 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
     index = {kernel.path: k for k, kernel in enumerate(layout.kernels)}
     dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
 
-    def apply(other_flat, perturbations, h):
+    def apply(other, perturbations, h):
         captured = [None] * len(layout.kernels)
 
         def interceptor(next_fun, args, kwargs, context):
@@ -254,16 +260,21 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
             return out
 
         with nn.intercept_methods(interceptor):
-            new_carry, out = core.apply(split.rebuild(split.kernels, other_flat), unravel_carry(h), x)
+            new_carry, out = core.apply(split.rebuild_leaves(split.kernels, other), unravel_carry(h), x)
         return ravel_pytree(new_carry)[0], (new_carry, out, tuple(captured))
 
     zeros = tuple(jnp.zeros((kernel.out_size,), dtype) for kernel in layout.kernels)
     new_flat, immediate_vjp, (new_carry, out, inputs) = jax.vjp(
-        lambda o, z: apply(o, z, flat_carry), split.other_flat, zeros, has_aux=True
+        lambda o, z: apply(o, z, flat_carry), split.other, zeros, has_aux=True
     )
-    basis = jnp.eye(new_flat.size, dtype=new_flat.dtype)
-    immediate_other, outer_grads = jax.vmap(immediate_vjp, out_axes=1)(basis)
-    _, dynamics = jax.linearize(lambda h: apply(split.other_flat, zeros, h)[0], flat_carry)
+    size = new_flat.size
+    other_rows, outer_grads = jax.vmap(immediate_vjp, out_axes=-1)(jnp.eye(size, dtype=new_flat.dtype))
+    # The exact rows leaf by leaf, joined once: differentiating the flat vector instead had XLA
+    # write their concatenation and then read it again, transposed, in the trace update.
+    immediate_other = jnp.concatenate(
+        [rows.reshape(-1, size) for rows in other_rows] or [jnp.zeros((0, size), new_flat.dtype)]
+    )
+    _, dynamics = jax.linearize(lambda h: apply(split.other, zeros, h)[0], flat_carry)
     return _Linearized(new_carry, out, dynamics, inputs, outer_grads, immediate_other)
 
 
