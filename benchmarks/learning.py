@@ -13,7 +13,8 @@ optimizers and readouts come from the experiment layer's build pieces (:mod:`rtr
 - ``add`` (Marschall, Cho & Savin 2020): a tanh RNN, online SGD with batch 1; the final loss of every
   estimator against the task's baselines.
 - ``copy_curriculum``: the copy task whose length grows by one whenever the mean recall loss over a
-  check interval falls below a threshold; the length reached in a fixed step budget, over seeds.
+  check interval falls below a threshold (every pattern at the current length, or each episode's
+  length drawn uniformly up to it); the length reached in a fixed step budget, over seeds.
 - ``char_lm``: character-level language modelling of a text file (a contiguous tail held out);
   validation bits per character, learning curves against characters seen.
 
@@ -327,9 +328,15 @@ def run_add(cfg: dict) -> dict:
 def run_copy_curriculum(cfg: dict) -> dict:
     """The copy task with a length curriculum; the length reached after ``steps`` steps.
 
-    Each estimator runs at every rate of ``learning_rates`` on seed 0 and the remaining seeds at
-    the rate that reached the longest length there (:func:`_sweep_then_seeds`).
+    At curriculum level ``L`` every pattern has ``L`` symbols (``lengths: fixed``) or each
+    episode draws its length uniformly from ``start_length .. L`` (``lengths: uniform``); ``L``
+    grows by one after a check whose mean recall loss is below ``threshold``. Each estimator runs at
+    every rate of ``learning_rates`` on seed 0 and the remaining seeds at the rate that reached the
+    longest length there (:func:`_sweep_then_seeds`).
     """
+    if cfg["lengths"] not in ("fixed", "uniform"):
+        raise ConfigError(f"lengths: expected 'fixed' or 'uniform', got {cfg['lengths']!r}.")
+    shortest = cfg["start_length"] if cfg["lengths"] == "uniform" else None
     task0 = tasks.copy_task(1, cfg["num_symbols"])
 
     def run_seed(spec: dict, seed: int) -> dict:
@@ -339,7 +346,7 @@ def run_copy_curriculum(cfg: dict) -> dict:
         start = time.perf_counter()
         for _ in range(0, cfg["steps"], cfg["check_every"]):
             key, sub = jax.random.split(key)
-            task = tasks.copy_task(length, cfg["num_symbols"])
+            task = tasks.copy_task(length, cfg["num_symbols"], min_length=shortest)
             loss = learner.train(tasks.sample_batch(task, sub, cfg["check_every"], cfg["batch_size"]))
             mean = float(np.nanmean(loss)) if np.any(np.isfinite(loss)) else float("nan")
             losses.append(mean)
@@ -717,6 +724,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "start_length": 1,
             "threshold": 0.15,
             "check_every": 100,
+            "lengths": "fixed",
             "learning_rates": [],
             "estimators": [{"estimator": "rtrl"}],
         },

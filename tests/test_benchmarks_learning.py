@@ -65,6 +65,7 @@ def test_influence_balancing_exact_rtrl_converges_and_short_truncation_goes_the_
                 "seeds=2",
                 "batch_size=2",
                 "threshold=10.0",
+                "lengths=fixed",  # the configs draw lengths uniformly: both kinds run
                 "learning_rates=[0.01]",
                 "estimators=[{estimator: kf}]",
             ],
@@ -164,6 +165,12 @@ def test_char_lm_streams_read_the_text_contiguously_across_chunks_and_reset_wher
     # stream 0 starts at position 0; stream 1 starts at 7 and wraps to position 0 at step 3
     np.testing.assert_array_equal(np.flatnonzero(reset[0]), [0])
     np.testing.assert_array_equal(np.flatnonzero(reset[1]), [0, 3])
+
+
+def test_copy_curriculum_lengths_are_checked(tmp_path):
+    cfg = load_benchmark_config(CONFIGS / "bench_copy_curriculum.yaml", ["lengths=random"])
+    with pytest.raises(ConfigError, match="lengths: expected 'fixed' or 'uniform', got 'random'"):
+        run_benchmark(cfg, tmp_path)
 
 
 def test_scales_are_checked():

@@ -228,10 +228,10 @@ def _variable_copy_task(min_length: int, max_length: int, num_symbols: int) -> T
         key_lengths, key_symbols = jax.random.split(key)
         lengths = jax.random.randint(key_lengths, (num_episodes,), min_length, max_length + 1)
         symbols = jax.random.randint(key_symbols, (num_episodes, max_length), 0, num_symbols)
-        ends = jnp.cumsum(2 * lengths + 1)
-        steps = jnp.arange(num_steps)
-        episode_index = jnp.searchsorted(ends, steps, side="right")
-        phase = steps - (ends[episode_index] - (2 * lengths[episode_index] + 1))
+        starts = jnp.cumsum(2 * lengths + 1) - (2 * lengths + 1)
+        first = jnp.zeros(num_steps, jnp.int32).at[starts].set(1, mode="drop")
+        episode_index = jnp.cumsum(first) - 1
+        phase = jnp.arange(num_steps) - starts[episode_index]
         return jax.vmap(_copy_step, in_axes=(0, 0, 0, None))(
             symbols[episode_index], lengths[episode_index], phase, num_symbols
         )
