@@ -19,9 +19,9 @@ what a small model's loop pays most. :func:`live_step` and :func:`pack_state` ke
 - the state is donated (``donate_argnums=0``): XLA writes the new state into the old state's
   buffers, so nothing is newly allocated per step and memory stays at one state.
 
-Writing the packed buffer copies every packed leaf once per step (XLA concatenates the new leaves),
-about what one leaf's dispatch costs for every ~16 KiB, so a leaf above ``max_leaf_bytes``
-(default 64 KiB: an exact RTRL trace, a large kernel) keeps its own buffer and is updated in place.
+Writing the packed buffer copies every packed leaf once per step (XLA concatenates the new
+leaves), so a leaf above ``max_leaf_bytes`` (default 64 KiB: an exact RTRL trace, a large kernel)
+keeps its own buffer, updated in place and never copied.
 
 ``benchmarks/online_loop.py`` times the loop against a trivial jitted function with the same
 argument leaves (the dispatch floor), packed and unpacked, in one run.
