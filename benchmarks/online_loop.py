@@ -16,7 +16,9 @@ step, the state donated. Timed per step, over ``T`` steps:
 
 The loops are run ``--rounds`` times, interleaved; the table gives the best round of each and the
 median over rounds of each loop's ratio to its floor (within a round). ``--sync-dispatch`` turns
-off JAX's asynchronous CPU dispatch (``jax_cpu_enable_async_dispatch``) for the whole run.
+off JAX's asynchronous CPU dispatch (``jax_cpu_enable_async_dispatch``) for the whole run;
+``--cpus k`` pins the process to ``k`` of its CPUs before JAX starts (XLA:CPU sizes its thread pool
+from them).
 
 Usage::
 
@@ -26,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,7 +155,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sync-dispatch", action="store_true", help="jax_cpu_enable_async_dispatch off")
+    parser.add_argument("--cpus", type=int, default=None, help="pin the process to this many CPUs")
     args = parser.parse_args(argv)
+    if args.cpus is not None:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
     if args.sync_dispatch:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     print(HEADER)
@@ -161,7 +167,10 @@ def main(argv=None):
         rows.append(bench(name, args.hidden, args.batch, args.steps, args.rounds))
         print(_row(rows[-1]), flush=True)
     dispatch = "synchronous" if args.sync_dispatch else "asynchronous"
-    details = f"T = {args.steps} steps, {args.rounds} rounds, {dispatch} CPU dispatch"
+    details = (
+        f"T = {args.steps} steps, {args.rounds} rounds, {dispatch} CPU dispatch,"
+        f" {len(os.sched_getaffinity(0))} CPUs"
+    )
     table = "\n".join([HEADER, *map(_row, rows)])
     _report.write(args.out, "online_loop.py", argv, _report.environment(details), table, rows)
 
