@@ -464,12 +464,17 @@ def run_char_lm(cfg: dict) -> dict:
     rows = {}
     for spec in cfg["estimators"]:
         rate, runs, sweep = _sweep_then_seeds(cfg, spec, run_seed, lambda run: run["valid_bpc"], short)
-        rows[_estimator_label(spec)] = {
+        label = _estimator_label(spec)
+        rows[label] = {
             **{k: _run_config(cfg, spec)[k] for k in _RUN_KEYS},
             "learning_rate": rate,
             "sweep_valid_bpc": sweep,
             **_collect(runs),
         }
+        # each estimator's result as it finishes: a long table stopped early still reports them
+        print(
+            f"{label}: {json.dumps({**rows[label], 'train_bpc_curves': None})}", file=sys.stderr, flush=True
+        )
     return {
         "vocab_size": size,
         "train_chars": len(data.train),
