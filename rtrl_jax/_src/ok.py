@@ -72,10 +72,11 @@ def _reduced_core(sigma: jax.Array, signs: jax.Array, rank: int) -> jax.Array:
 
 
 def _combine(coefficients: jax.Array, rows: jax.Array) -> jax.Array:
-    """``coefficientsᵀ @ rows`` for a handful of long rows (``(k, r)``, ``(k, M)`` -> ``(r, M)``),
+    """``coefficientsᵀ @ rows`` for a handful of long rows (``(k, r)``, ``(k, ...)`` -> ``(r, ...)``),
     written as ``k`` scaled sums: one streaming pass over the rows, where a dot with inner size
     ``k`` would run far below the memory rate on CPU."""
-    terms = (coefficients[i][:, None] * rows[i][None, :] for i in range(rows.shape[0]))
+    expand = (slice(None),) + (None,) * (rows.ndim - 1)
+    terms = (coefficients[i][expand] * rows[i][None] for i in range(rows.shape[0]))
     return functools.reduce(jnp.add, terms)
 
 
@@ -108,7 +109,9 @@ def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[
         eigenvalues, vectors = jnp.linalg.eigh(_reduced_core(sigma, signs, rank))
         scale = jnp.sqrt(jnp.clip(eigenvalues[1:], 0.0))  # drop the null direction
         mix_left, mix_right = (p @ vectors[:, 1:]) * scale, (v_t.T @ vectors[:, 1:]) * scale
-    new_a = _combine(mix_left, q_a.T).reshape(rank, *a.shape[1:])
+    # Combined in the factors' own shape: a reshape of the result made XLA:CPU compute it twice
+    # when the gradient read it in the same program.
+    new_a = _combine(mix_left, q_a.T.reshape(k, *a.shape[1:]))
     return (q_u @ mix_right).T, new_a
 
 
