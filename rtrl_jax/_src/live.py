@@ -2,12 +2,14 @@
 
 When the next input exists only after the previous step ran (an environment reacting to the
 model's output, a robot, a live feed), the run cannot be one ``jax.lax.scan``: Python calls a
-jitted step once per time step. What such a call costs beyond its arithmetic is JAX's dispatch:
-checking each argument against the compiled signature, handing its buffer to the runtime and
-wrapping each output buffer in a new array, about a microsecond per argument and output leaf on a
-CPU. A train state has many leaves (a GRU with Adam: ~50, the parameters, both moments of each,
-the carry, the trace, the key and the step counter), so the per-leaf cost, not the arithmetic, is
-what a small model's loop pays most. :func:`live_step` and :func:`pack_state` keep it low:
+jitted step once per time step. Such a call costs, beyond the step's arithmetic, JAX's dispatch
+(checking each argument against the compiled signature, handing its buffer to the runtime,
+wrapping each output buffer in a new array: about a microsecond per argument and output leaf on a
+CPU, and a train state has many leaves: a GRU with Adam ~50, the parameters, both moments of
+each, the carry, the trace, the key, the step counter) and the launch of the compiled program
+(on XLA:CPU its kernels go through a thread pool; inside a ``lax.scan`` the same step costs
+several times less, ``benchmarks/README.md``). :func:`live_step` and :func:`pack_state` keep the
+dispatch low:
 
 - one compiled call per step: the whole train step (core, trace, loss, gradient, Optax update,
   metrics) is one jitted function, compiled at the first call and reused for every later one
@@ -17,7 +19,7 @@ what a small model's loop pays most. :func:`live_step` and :func:`pack_state` ke
   leaves as static slices of those buffers and writes the new state back into them, inside the
   compiled call. A GRU's ~50 leaves become 3 buffers (float32, int32, uint32);
 - the state is donated (``donate_argnums=0``): XLA writes the new state into the old state's
-  buffers, so nothing is newly allocated per step and memory stays at one state.
+  buffers, so no second state is allocated per step and memory stays at one state.
 
 Writing the packed buffer copies every packed leaf once per step (XLA concatenates the new
 leaves), so a leaf above ``max_leaf_bytes`` (default 64 KiB: an exact RTRL trace, a large kernel)
