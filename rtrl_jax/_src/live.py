@@ -194,7 +194,9 @@ def live_step(train_step: TrainStep) -> Callable[..., tuple[Any, Any]]:
     Returns:
       ``step(state, inputs, targets, mask=None, reset=None) -> (state, metrics)``, jitted, with
       ``state`` donated (its buffers are reused for the returned state: do not read the old one
-      afterwards). ``state`` is a :class:`PackedState` from :func:`pack_state` (recommended: a few
+      afterwards; a plain state shares its parameter arrays with the ``params`` given to
+      :func:`~rtrl_jax.init_train_state`, so those are consumed too, while :func:`pack_state`
+      copies). ``state`` is a :class:`PackedState` from :func:`pack_state` (recommended: a few
       arguments instead of one per leaf) or the state itself; the returned state is of the same
       kind. ``inputs`` and ``targets`` have leading axis batch; ``mask`` (default all ones)
       weights each stream's loss; ``reset`` (default all ``False``) marks streams whose episode
