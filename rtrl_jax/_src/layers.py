@@ -38,8 +38,7 @@ with BPTT.
 
 Example (linen; the nnx layer is :class:`NNXOnlineRNN`)::
 
-    import flax.linen as nn, jax, jax.numpy as jnp, optax
-    import rtrl_jax as rj
+    import flax.linen as nn, jax, optax, rtrl_jax as rj
 
     model = nn.Sequential([
         nn.Embed(num_embeddings=27, features=8),                  # encoder: current-step gradient
@@ -59,17 +58,15 @@ Example (linen; the nnx layer is :class:`NNXOnlineRNN`)::
 
     def train_step(carried, batch):  # one step of the streams: batch.inputs, batch.targets
         params, opt_state, state = carried
-        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, state, batch.inputs, batch.targets
-        )
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        (value, state), grads = grad_fn(params, state, batch.inputs, batch.targets)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state, state), value
 
     step = rj.live_step(train_step)  # jitted once, the packed state donated: rtrl_jax.live_step
-    packed = rj.pack_state((params, opt_state, state))
+    packed = rj.pack_state((params, opt_state, state))  # rj.unpack_state(packed) gives them back
     for x, y in zip(tokens[:-1], tokens[1:]):
         packed, value = step(packed, x, y)
-    params, opt_state, state = rj.unpack_state(packed)
 """
 
 from __future__ import annotations
