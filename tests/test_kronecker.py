@@ -301,7 +301,7 @@ def test_clear_error_for_cells_without_dense_kernels():
         rtrl_jax.kf_rtrl(plain)
     with pytest.raises(ValueError, match="rank"):
         rtrl_jax.ok(rtrl_jax.from_linen(nn.GRUCell(features=2), 2), rank=0)
-    assert rtrl_jax.estimator_options("ok") == {"rank": 1}
+    assert rtrl_jax.estimator_options("ok") == {"rank": 1, "joint": False}
 
 
 # --- variance against exact RTRL (small version of benchmarks/variance_vs_n.py) ---

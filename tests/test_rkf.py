@@ -175,5 +175,5 @@ def test_refuses_cells_without_dense_kernels_and_names_the_alternatives():
     with pytest.raises(ValueError, match=r"flax.linen cell"):
         rtrl_jax.reverse_kf_rtrl(plain)
     info = rtrl_jax.get_estimator_info("rkf")
-    assert info.needs_key and dict(info.options) == {}
+    assert info.needs_key and dict(info.options) == {"joint": False}
     assert not rtrl_jax.is_exact("rkf", rtrl_jax.from_linen(nn.SimpleCell(features=2), 2))

@@ -20,6 +20,12 @@ variance, which is
 A term with a zero factor is dropped from the merge (it contributes nothing). Parameters that are
 not factored Dense kernels are tracked exactly (see :mod:`rtrl_jax._src.kronecker`).
 
+With ``joint=True`` the kernels that feed one pre-activation share one pair ``u ⊗ A``, ``u`` over
+their stacked inputs and a 1 for each of their biases: for the tanh RNN
+``h_t = tanh(W_i x_t + W_h h_{t-1} + b)`` that is ``u`` over ``[x_t; h_{t-1}; 1]`` and one ``A``,
+Mujika et al.'s original estimator, one ``D_t A`` product per step instead of three (two kernels
+and the bias's rows); the merge is the same with ``a_t`` the stacked input.
+
 Cost per step for an ``n``-unit cell: ``O(n³)`` time, ``O(n²)`` memory per kernel.
 
 Reference: A. Mujika, F. Meier and A. Steger, "Approximating Real-Time Recurrent Learning with
@@ -71,13 +77,16 @@ def _random_merge(u: jax.Array, a: jax.Array, key: jax.Array) -> tuple[jax.Array
     return kf_merge(u, a, jax.random.rademacher(key, (2,), dtype=u.dtype))
 
 
-def kf_rtrl(core) -> Estimator:
+def kf_rtrl(core, *, joint: bool = False) -> Estimator:
     """KF-RTRL for a Flax linen cell: one Kronecker factor pair per Dense kernel.
 
     Args:
       core: a :class:`~rtrl_jax.Core` built with :func:`~rtrl_jax.from_linen` whose cell has at
         least one ``flax.linen.Dense`` layer (``SimpleCell``, ``GRUCell``, ``LSTMCell``, ``MGUCell``
         or a user cell made of Dense layers).
+      joint: one factor pair per pre-activation instead of per kernel: the kernels whose outputs
+        are summed share it with their biases (found by a probe of the cell,
+        :func:`rtrl_jax._src.kronecker.kronecker_layout`). Cheaper, coarser.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` with a :class:`~rtrl_jax.KroneckerState` trace (rank 1);
@@ -93,7 +102,7 @@ def kf_rtrl(core) -> Estimator:
       >>> carry, out, trace = est.step(trace, params, carry, x, key=key)
       >>> grads = est.grad(trace, params, carry_bar)
     """
-    return kronecker_estimator(core, rank=1, reduce=_random_merge, name="KF-RTRL")
+    return kronecker_estimator(core, rank=1, reduce=_random_merge, name="KF-RTRL", joint=joint)
 
 
 register(

@@ -27,6 +27,25 @@ the exact immediate Jacobian of all remaining parameters. Those (biases, element
 kernels of layers applied more than once or to non-vector inputs, parameters of non-Dense layers)
 are tracked exactly as dense rows ``(P_other, S)``, as in exact RTRL but only for themselves.
 
+**Joint factors** (``joint=True``). Kernels whose outputs are summed before anything else touches
+them, ``z = a_1 W_1 + a_2 W_2 + b``, feed one pre-activation and share ``G_t``; their joined
+influence is then one Kronecker product over the stacked input ``[a_1; a_2; 1]`` (the ``1`` stands
+for the bias ``b``), ``J ≈ Σ_q u_q ⊗ A_q`` with ``u_q`` over the stacked input and one ``A_q`` for the
+group, as in Mujika et al. 2018's KF-RTRL (``u`` over ``[x; h; 1]`` for the tanh RNN). One ``D_t A``
+product per group replaces one per kernel plus the bias's ``out`` exact rows. The groups are found
+from one concrete probe of the cell outside any trace (random parameters, carry and input;
+:func:`shared_pre_activations`): kernels whose ``G`` are bitwise equal, finite and not all zero on
+the probe form a group, and each Dense's own bias joins its kernel's group (a constant input 1 in
+``u``). A kernel that shares ``G`` with no other forms a group with its bias alone, so a cell whose
+kernels all feed different pre-activations keeps one factor per kernel; a kernel without bias in
+such a cell has exactly the per-kernel factor. Flax's cells give: ``SimpleCell`` one group
+``(i, h, i.bias)``; ``GRUCell`` ``(ir, hr, ir.bias)``, ``(iz, hz, iz.bias)``, ``(in, in.bias)`` and
+``(hn, hn.bias)`` (``hn``'s output is multiplied by the reset gate before it meets ``in``'s);
+``LSTMCell`` one group per gate, ``(ii, hi, hi.bias)`` etc.; ``MGUCell`` ``(if, hf, if.bias)``,
+``(in, in.bias)`` and ``hn`` (with its bias when the cell has a reset gate). The joint trace is
+more constrained than the per-kernel one (``r`` terms for the whole group instead of ``r`` per
+kernel, the biases no longer exact) and cheaper.
+
 Memory per kernel is ``r (in + S·out)``, so ``O(r n²)`` for an ``n``-unit cell; a dense
 ``S × P`` trace is never formed. Each ``A_q`` is stored transposed, ``(out, S)``: its rows are carry
 tangents, which ``D_t`` maps with no transposition, and ``vec(A_q)`` is a contiguous row for the
@@ -51,6 +70,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from rtrl_jax._src.base import Estimator, after
@@ -73,6 +93,24 @@ class DenseKernel(NamedTuple):
     out_size: int
 
 
+class KroneckerFactor(NamedTuple):
+    """One Kronecker factor of the trace (``Σ_q u_q ⊗ A_q``) and the parameters it stands for.
+
+    Attributes:
+      kernels: indices into :attr:`KroneckerLayout.kernels` of the Dense kernels that feed the
+        factor's pre-activation; their inputs are stacked in ``u`` in this order.
+      bias_leaves: leaf indices (in ``jax.tree.leaves(params)``) of those kernels' Dense biases,
+        whose constant input 1 follows the kernels' inputs in ``u``.
+      in_size: the size of ``u``: the kernels' input sizes plus one per bias.
+      out_size: the pre-activation's size (``A`` is ``S × out_size``).
+    """
+
+    kernels: tuple[int, ...]
+    bias_leaves: tuple[int, ...]
+    in_size: int
+    out_size: int
+
+
 class KroneckerLayout(NamedTuple):
     """Which parameter leaves are Kronecker-factored kernels and which are tracked exactly.
 
@@ -80,22 +118,35 @@ class KroneckerLayout(NamedTuple):
       kernels: the factored Dense kernels.
       kernel_leaves: for each kernel, the index of its leaf in ``jax.tree.leaves(params)``.
       other_leaves: indices of the leaves tracked exactly.
+      factors: the Kronecker factors: one per kernel, or with ``joint=True`` one per group of
+        kernels feeding the same pre-activation, with their biases.
     """
 
     kernels: tuple[DenseKernel, ...]
     kernel_leaves: tuple[int, ...]
     other_leaves: tuple[int, ...]
+    factors: tuple[KroneckerFactor, ...]
+
+    @property
+    def factored_leaves(self) -> tuple[int, ...]:
+        """The leaves the factors stand for, factor by factor, in the order of their ``u`` rows."""
+        return tuple(
+            leaf
+            for factor in self.factors
+            for leaf in (*(self.kernel_leaves[k] for k in factor.kernels), *factor.bias_leaves)
+        )
 
 
 class KroneckerState(NamedTuple):
     """Trace of a Kronecker-sum estimator (KF-RTRL is rank 1, r-OK rank r).
 
-    For kernel ``k``: ``J_k ≈ Σ_q u[k][q] ⊗ a[k][q]``.
+    For factor ``k`` (:attr:`KroneckerLayout.factors`: a Dense kernel, or a group of them with
+    their biases): ``J_k ≈ Σ_q u[k][q] ⊗ a[k][q]``.
 
     Attributes:
-      u: per kernel, ``(r, in)`` input-side factors (``(r, out)`` output-side factors for reverse
+      u: per factor, ``(r, in)`` input-side factors (``(r, out)`` output-side factors for reverse
         KF-RTRL).
-      a: per kernel, ``(r, out, S)`` carry-side factors, stored transposed (``a[k][q] = A_qᵀ``):
+      a: per factor, ``(r, out, S)`` carry-side factors, stored transposed (``a[k][q] = A_qᵀ``):
         each row is a carry tangent, so ``D_t`` acts on the rows with no transposition
         (``(r, in, S)`` for reverse KF-RTRL).
       exact: ``(P_other, S)`` exact influence of the parameters that are not factored kernels
@@ -151,11 +202,13 @@ def _dense_calls(core: Any) -> dict[tuple[str, ...], list[tuple[tuple[int, ...],
     return calls
 
 
-def kronecker_layout(core: Any) -> KroneckerLayout:
-    """Finds the Dense kernels of ``core``'s linen cell that can be factored.
+def kronecker_layout(core: Any, *, joint: bool = False) -> KroneckerLayout:
+    """Finds the Dense kernels of ``core``'s linen cell that can be factored, and their factors.
 
-    A kernel is factored when its Dense layer is applied exactly once per step to a vector input;
-    every other parameter leaf is tracked exactly.
+    A kernel is factored when its Dense layer is applied exactly once per step to a vector input.
+    Without ``joint`` each kernel is one factor and every other parameter leaf (biases included) is
+    tracked exactly. With ``joint`` the kernels that feed the same pre-activation share a factor
+    with their biases (module docstring; found by :func:`shared_pre_activations`).
     """
     calls = _dense_calls(core)
     paths_leaves = jax.tree_util.tree_flatten_with_path(core.params_spec)[0]
@@ -171,8 +224,69 @@ def kronecker_layout(core: Any) -> KroneckerLayout:
             continue
         kernels.append(DenseKernel(path, in_shape[0], out_shape[0]))
         kernel_leaves.append(index)
-    other = tuple(i for i in range(len(paths_leaves)) if i not in set(kernel_leaves))
-    return KroneckerLayout(tuple(kernels), tuple(kernel_leaves), other)
+    factors = tuple(
+        KroneckerFactor((k,), (), kernel.in_size, kernel.out_size) for k, kernel in enumerate(kernels)
+    )
+    layout = _with_factors(
+        KroneckerLayout(tuple(kernels), tuple(kernel_leaves), (), factors), len(paths_leaves)
+    )
+    if not joint:
+        return layout
+    joint_factors = []
+    for group in shared_pre_activations(core, layout):
+        biases = tuple(
+            leaf_index[bias]
+            for bias in ((*kernels[k].path, "bias") for k in group)
+            if bias in leaf_index
+            and tuple(paths_leaves[leaf_index[bias]][1].shape) == (kernels[group[0]].out_size,)
+        )
+        in_size = sum(kernels[k].in_size for k in group) + len(biases)
+        joint_factors.append(KroneckerFactor(tuple(group), biases, in_size, kernels[group[0]].out_size))
+    return _with_factors(layout._replace(factors=tuple(joint_factors)), len(paths_leaves))
+
+
+def _with_factors(layout: KroneckerLayout, num_leaves: int) -> KroneckerLayout:
+    """``layout`` with every leaf its factors do not stand for tracked exactly."""
+    factored = set(layout.factored_leaves)
+    return layout._replace(other_leaves=tuple(i for i in range(num_leaves) if i not in factored))
+
+
+def shared_pre_activations(core: Any, layout: KroneckerLayout) -> list[list[int]]:
+    """The kernels of ``layout`` grouped by the pre-activation they feed: indices into
+    ``layout.kernels``, groups in the order of their first kernel.
+
+    Kernels feed the same pre-activation exactly when their ``G_t = ∂h_t/∂z`` are the same function
+    (their outputs are summed before anything else reads them). One concrete probe of the cell
+    decides it, outside any trace, on random parameters, carry and input (each leaf standard normal
+    over the square root of its first dimension, the input standard normal): kernels whose ``G``
+    on the probe are bitwise equal (the sum's reverse pass hands each summand the same cotangent),
+    finite and not all zero form a group. A kernel whose ``G`` is not finite or all zero on the
+    probe, which then tells nothing, stays in a group of its own.
+    """
+    rng = np.random.default_rng(0)
+
+    def draw(spec):  # standard normal over √(the first dimension): pre-activations of order one
+        scale = 1.0 / np.sqrt(spec.shape[0]) if spec.shape else 1.0
+        return (scale * rng.standard_normal(spec.shape)).astype(spec.dtype)
+
+    params, carry = jax.tree.map(draw, (core.params_spec, core.carry_spec))
+    x = rng.standard_normal(tuple(core.input_shape)).astype(np.float32)
+    # One compiled program: run op by op, the probe would compile each small operation on its own.
+    with jax.ensure_compile_time_eval():
+        probe = jax.jit(
+            lambda p, c, x: _linearize(core, layout, p, c, x).outer_grads,
+            compiler_options={"xla_backend_optimization_level": 0},
+        )
+        outer = [np.asarray(g) for g in probe(params, carry, x)]
+    groups: list[list[int]] = []
+    for k, g in enumerate(outer):
+        informative = bool(np.all(np.isfinite(g)) and np.any(g != 0))
+        group = next((group for group in groups if informative and np.array_equal(outer[group[0]], g)), None)
+        if group is None:
+            groups.append([k])
+        else:
+            group.append(k)
+    return groups
 
 
 def unsupported_reason(core: Any) -> str | None:
@@ -207,37 +321,46 @@ class _Linearized(NamedTuple):
     carry: Any
     out: Any
     dynamics: Callable[[jax.Array], jax.Array]  # flat carry tangent -> flat carry tangent
-    inputs: tuple[jax.Array, ...]  # per kernel, the Dense input a_t
-    outer_grads: tuple[jax.Array, ...]  # per kernel, G_tᵀ = (∂h_t/∂z)ᵀ, (out, S)
+    inputs: tuple[jax.Array, ...]  # per factor, its stacked input: Dense inputs a_t, a 1 per bias
+    outer_grads: tuple[jax.Array, ...]  # per factor, G_tᵀ = (∂h_t/∂z)ᵀ, (out, S)
     immediate_other: jax.Array  # (P_other, S)
 
 
 class _Split(NamedTuple):
-    kernels: list
+    factored: list  # the leaves the factors stand for (KroneckerLayout.factored_leaves)
     other: list  # the leaves tracked exactly
     other_flat: jax.Array
-    rebuild: Callable[[list, jax.Array], Any]  # (kernel leaves, flat other) -> params
-    rebuild_leaves: Callable[[list, list], Any]  # (kernel leaves, other leaves) -> params
+    rebuild: Callable[[list, jax.Array], Any]  # (factored leaves, flat other) -> params
+    rebuild_leaves: Callable[[list, list], Any]  # (factored leaves, other leaves) -> params
 
 
 def _split(layout: KroneckerLayout, params: Any) -> _Split:
     leaves, treedef = jax.tree.flatten(params)
-    kernels = [leaves[i] for i in layout.kernel_leaves]
+    factored_leaves = layout.factored_leaves
+    factored = [leaves[i] for i in factored_leaves]
     other = [leaves[i] for i in layout.other_leaves]
     other_flat, unravel_other = ravel_pytree(other)
 
-    def rebuild_leaves(kernel_leaves, other_leaves):
+    def rebuild_leaves(new_factored, other_leaves):
         new = list(leaves)
-        for i, leaf in zip(layout.kernel_leaves, kernel_leaves, strict=True):
+        for i, leaf in zip(factored_leaves, new_factored, strict=True):
             new[i] = leaf
         for i, leaf in zip(layout.other_leaves, other_leaves, strict=True):
             new[i] = leaf
         return treedef.unflatten(new)
 
-    def rebuild(kernel_leaves, flat_other):
-        return rebuild_leaves(kernel_leaves, unravel_other(flat_other))
+    def rebuild(new_factored, flat_other):
+        return rebuild_leaves(new_factored, unravel_other(flat_other))
 
-    return _Split(kernels, other, other_flat, rebuild, rebuild_leaves)
+    return _Split(factored, other, other_flat, rebuild, rebuild_leaves)
+
+
+def _stacked_input(factor: KroneckerFactor, inputs: tuple[jax.Array, ...]) -> jax.Array:
+    """A factor's ``u``-side input: its kernels' Dense inputs, then a 1 per bias."""
+    parts = [inputs[k] for k in factor.kernels]
+    if factor.bias_leaves:
+        parts.append(jnp.ones((len(factor.bias_leaves),), parts[0].dtype))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: Any) -> _Linearized:
@@ -246,6 +369,8 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
     split = _split(layout, params)
     flat_carry, unravel_carry = ravel_pytree(carry)
     index = {kernel.path: k for k, kernel in enumerate(layout.kernels)}
+    # G_t is read once per factor, at its first kernel's output: its kernels all share it.
+    perturbed = {factor.kernels[0]: f for f, factor in enumerate(layout.factors)}
     dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
 
     def apply(other, perturbations, h):
@@ -256,15 +381,16 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
             if _is_dense_call(context) and tuple(context.module.path) in index:
                 k = index[tuple(context.module.path)]
                 captured[k] = args[0]
-                out = out + perturbations[k].astype(out.dtype)
+                if k in perturbed:
+                    out = out + perturbations[perturbed[k]].astype(out.dtype)
             return out
 
         with nn.intercept_methods(interceptor):
-            new_carry, out = core.apply(split.rebuild_leaves(split.kernels, other), unravel_carry(h), x)
+            new_carry, out = core.apply(split.rebuild_leaves(split.factored, other), unravel_carry(h), x)
         return ravel_pytree(new_carry)[0], (new_carry, out, tuple(captured))
 
-    zeros = tuple(jnp.zeros((kernel.out_size,), dtype) for kernel in layout.kernels)
-    new_flat, immediate_vjp, (new_carry, out, inputs) = jax.vjp(
+    zeros = tuple(jnp.zeros((factor.out_size,), dtype) for factor in layout.factors)
+    new_flat, immediate_vjp, (new_carry, out, captured) = jax.vjp(
         lambda o, z: apply(o, z, flat_carry), split.other, zeros, has_aux=True
     )
     size = new_flat.size
@@ -275,6 +401,7 @@ def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: A
         [rows.reshape(-1, size) for rows in other_rows] or [jnp.zeros((0, size), new_flat.dtype)]
     )
     _, dynamics = jax.linearize(lambda h: apply(split.other, zeros, h)[0], flat_carry)
+    inputs = tuple(_stacked_input(factor, captured) for factor in layout.factors)
     return _Linearized(new_carry, out, dynamics, inputs, outer_grads, immediate_other)
 
 
@@ -326,9 +453,16 @@ def reverse_immediate(
 
 
 def kronecker_estimator(
-    core: Any, *, rank: int, reduce: ReduceFn, name: str, reverse: bool = False, serialise: bool = False
+    core: Any,
+    *,
+    rank: int,
+    reduce: ReduceFn,
+    name: str,
+    reverse: bool = False,
+    serialise: bool = False,
+    joint: bool = False,
 ) -> Estimator:
-    """An estimator that keeps ``rank`` Kronecker terms per Dense kernel of ``core``'s cell.
+    """An estimator that keeps ``rank`` Kronecker terms per Dense kernel (or group) of ``core``'s cell.
 
     Args:
       core: a :class:`~rtrl_jax.Core` from :func:`~rtrl_jax.from_linen`.
@@ -341,20 +475,27 @@ def kronecker_estimator(
         entering as :func:`reverse_immediate` (its signs drawn from each kernel's key).
       serialise: ``reduce`` calls LAPACK, so on CPU each kernel's reduction waits for the previous
         one's result (module docstring); a reduction of element-wise work and norms runs free.
+      joint: one factor per group of kernels feeding the same pre-activation, with their biases,
+        instead of one per kernel (module docstring, :func:`kronecker_layout`).
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is a :class:`KroneckerState`; ``step`` needs
       ``key=`` (a ``jax.random`` key).
+
+    Raises:
+      ValueError: the core has no factorable kernel, or ``joint`` is not a bool.
     """
+    if not isinstance(joint, bool):
+        raise ValueError(f"{name}: joint must be True or False, got {joint!r}.")
     check_supported(core, name)
-    layout = kronecker_layout(core)
-    num_kernels = len(layout.kernels)
+    layout = kronecker_layout(core, joint=joint)
+    num_factors = len(layout.factors)
     # D_t acts on every stored row: r·out per kernel, and the exactly tracked parameters. With c
     # matrix-vector products per carry JVP, forming D_t once (c S³) and multiplying (rows · S²)
     # beats c JVPs per row (c · rows · S²) when rows (c - 1) > c S (a GRU; never a tanh RNN).
     size = core.carry_size
     leaves = jax.tree.leaves(core.params_spec)
-    rows = rank * sum(k.in_size if reverse else k.out_size for k in layout.kernels)
+    rows = rank * sum(f.in_size if reverse else f.out_size for f in layout.factors)
     rows += sum(int(leaves[i].size) for i in layout.other_leaves)
     matvecs = carry_jvp_matvecs(core)
     explicit_dynamics = bool(rows * (matvecs - 1) > matvecs * size)  # False when matvecs is nan
@@ -365,7 +506,7 @@ def kronecker_estimator(
         split = _split(layout, params)
         dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
         size = flat_carry.size
-        sides = [(k.out_size, k.in_size) if reverse else (k.in_size, k.out_size) for k in layout.kernels]
+        sides = [(f.out_size, f.in_size) if reverse else (f.in_size, f.out_size) for f in layout.factors]
         u = tuple(jnp.zeros((rank, u_size), dtype) for u_size, _ in sides)
         a = tuple(jnp.zeros((rank, a_size, size), dtype) for _, a_size in sides)
         return KroneckerState(u, a, jnp.zeros((split.other_flat.size, size), dtype))
@@ -383,20 +524,20 @@ def kronecker_estimator(
 
         else:
             propagate = jax.vmap(lin.dynamics)
-        keys = jax.random.split(key, max(num_kernels, 1))
+        keys = jax.random.split(key, max(num_factors, 1))
         new_u, new_a = [], []
         previous = ()
-        for k in range(num_kernels):
+        for k in range(num_factors):
             a = trace.a[k]
             moved = propagate(a.reshape(-1, a.shape[-1])).reshape(a.shape)
             reduce_key, u_new, a_new = keys[k], lin.inputs[k], lin.outer_grads[k]
             if reverse:
                 reduce_key, sign_key = jax.random.split(keys[k])
-                signs = jax.random.rademacher(sign_key, (layout.kernels[k].out_size,), dtype=a.dtype)
+                signs = jax.random.rademacher(sign_key, (layout.factors[k].out_size,), dtype=a.dtype)
                 u_new, a_new = reverse_immediate(u_new.astype(a.dtype), a_new.astype(a.dtype), signs)
             u_stack = jnp.concatenate([trace.u[k], u_new[None].astype(trace.u[k].dtype)])
             a_stack = jnp.concatenate([moved, a_new[None].astype(a.dtype)])
-            if serialise:  # one kernel's reduction after the other (module docstring)
+            if serialise:  # one factor's reduction after the other (module docstring)
                 u_stack, a_stack = after((u_stack, a_stack), previous)
             u_k, a_k = reduce(u_stack, a_stack, reduce_key)
             previous = (u_k, a_k)
@@ -409,11 +550,13 @@ def kronecker_estimator(
         split = _split(layout, params)
         c = ravel_pytree(carry_bar)[0].astype(trace.exact.dtype)
         contraction = "qj,qis,s->ij" if reverse else "qi,qjs,s->ij"
-        kernels = [
-            jnp.einsum(contraction, u, a, c).astype(w.dtype)
-            for u, a, w in zip(trace.u, trace.a, split.kernels, strict=True)
-        ]
+        # Each factor's (in, out) gradient, its rows split among the kernels and biases it stands for.
+        rows = []
+        for factor, u, a in zip(layout.factors, trace.u, trace.a, strict=True):
+            sizes = [layout.kernels[k].in_size for k in factor.kernels] + [1] * len(factor.bias_leaves)
+            rows += jnp.split(jnp.einsum(contraction, u, a, c), np.cumsum(sizes)[:-1])
+        factored = [g.reshape(w.shape).astype(w.dtype) for g, w in zip(rows, split.factored, strict=True)]
         other = (trace.exact @ c).astype(split.other_flat.dtype)
-        return split.rebuild(kernels, other)
+        return split.rebuild(factored, other)
 
     return Estimator(init, step, grad)

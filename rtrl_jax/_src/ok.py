@@ -26,7 +26,9 @@ terms, seen as the matrix ``C = Σ_q vec(A_q) u_qᵀ`` of rank ``k ≤ r + 1``, 
 The reduced core ``diag(σ_kept) + (s/q)(T − w wᵀ)`` is a rank-``r`` positive semi-definite
 ``(r+1)×(r+1)`` matrix; its eigendecomposition ``Σ_j λ_j v_j v_jᵀ`` gives the new factors
 ``u_j = sqrt(λ_j) R v_j``, ``vec A_j = sqrt(λ_j) L v_j``. Parameters that are not factored Dense
-kernels are tracked exactly (see :mod:`rtrl_jax._src.kronecker`).
+kernels are tracked exactly (see :mod:`rtrl_jax._src.kronecker`). With ``joint=True`` the kernels
+that feed one pre-activation share the ``r`` terms, ``u_q`` over their stacked inputs and a 1 for
+each of their biases (as KF-RTRL's ``joint``).
 
 Cost per step for an ``n``-unit cell: ``O(r n³ + r² n²)`` time, ``O(r n²)`` memory per kernel.
 
@@ -115,7 +117,7 @@ def ok_reduce(u: jax.Array, a: jax.Array, signs: jax.Array, rank: int) -> tuple[
     return (q_u @ mix_right).T, new_a
 
 
-def ok(core, *, rank: int = 1) -> Estimator:
+def ok(core, *, rank: int = 1, joint: bool = False) -> Estimator:
     """r-OK for a Flax linen cell: ``rank`` Kronecker terms per Dense kernel, optimally reduced.
 
     Args:
@@ -124,6 +126,8 @@ def ok(core, *, rank: int = 1) -> Estimator:
         or a user cell made of Dense layers).
       rank: the number ``r ≥ 1`` of Kronecker terms per kernel. With ``r`` at least the number of
         steps (or the kernel's input size) the trace is exact RTRL.
+      joint: ``r`` terms per pre-activation instead of per kernel: the kernels whose outputs are
+        summed share them with their biases (:func:`rtrl_jax._src.kronecker.kronecker_layout`).
 
     Returns:
       An :class:`~rtrl_jax.Estimator` with a :class:`~rtrl_jax.KroneckerState` trace of rank
@@ -145,14 +149,14 @@ def ok(core, *, rank: int = 1) -> Estimator:
     def reduce(u, a, key):
         return ok_reduce(u, a, jax.random.rademacher(key, (rank + 1,), dtype=u.dtype), rank)
 
-    return kronecker_estimator(core, rank=rank, reduce=reduce, name=f"{rank}-OK", serialise=True)
+    return kronecker_estimator(core, rank=rank, reduce=reduce, name=f"{rank}-OK", serialise=True, joint=joint)
 
 
-def ok_is_exact(core, *, rank: int = 1) -> bool:
-    """Whether ``ok(core, rank=rank)`` is exact RTRL: ``rank`` reaches every factored kernel's input
-    size, the largest rank its influence ``Σ_q vec(A_q) u_qᵀ`` can have, so no reduction drops
-    anything."""
-    return all(rank >= kernel.in_size for kernel in kronecker_layout(core).kernels)
+def ok_is_exact(core, *, rank: int = 1, joint: bool = False) -> bool:
+    """Whether ``ok(core, rank=rank, joint=joint)`` is exact RTRL: ``rank`` reaches every factor's
+    input size (a kernel's, or a group's stacked input with its biases), the largest rank its
+    influence ``Σ_q vec(A_q) u_qᵀ`` can have, so no reduction drops anything."""
+    return all(rank >= factor.in_size for factor in kronecker_layout(core, joint=joint).factors)
 
 
 register(

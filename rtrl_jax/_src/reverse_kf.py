@@ -36,7 +36,8 @@ at the first step) is dropped from the merge.
 For a vanilla RNN ``G_t = diag(φ')`` and this is Marschall et al.'s update; it costs, like
 KF-RTRL, ``O(n³)`` per step (``D_t`` applied to the ``in`` rows of ``B``) and ``O(n²)`` memory per
 kernel. Parameters that are not factored Dense kernels are tracked exactly (see
-:mod:`rtrl_jax._src.kronecker`).
+:mod:`rtrl_jax._src.kronecker`). With ``joint=True`` the kernels that feed one pre-activation share
+one pair, ``B`` over their stacked inputs and a 1 for each of their biases (as KF-RTRL's ``joint``).
 
 Reference: O. Marschall, K. Cho and C. Savin, "A Unified Framework of Online Learning Algorithms
 for Training Recurrent Neural Networks", JMLR 21(135), 2020, arXiv:1907.02649 (Reverse KF-RTRL).
@@ -63,12 +64,13 @@ def _merge(u: jax.Array, a: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.A
     return kf_merge(u, a, jnp.ones((2,), u.dtype))
 
 
-def reverse_kf_rtrl(core) -> Estimator:
+def reverse_kf_rtrl(core, *, joint: bool = False) -> Estimator:
     """Reverse KF-RTRL for a Flax linen cell: ``J_W ≈ B ⊗ b`` per Dense kernel, over its input index.
 
     Args:
       core: a linen cell's :class:`~rtrl_jax.Core` with a ``flax.linen.Dense`` layer applied once per
         step, the cores :func:`~rtrl_jax.kf_rtrl` serves.
+      joint: one pair per pre-activation instead of per kernel, as :func:`~rtrl_jax.kf_rtrl`'s.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is a rank-1 :class:`~rtrl_jax.KroneckerState` in
@@ -84,7 +86,7 @@ def reverse_kf_rtrl(core) -> Estimator:
       >>> carry, out, trace = est.step(trace, params, carry, x, key=key)
       >>> grads = est.grad(trace, params, carry_bar)
     """
-    return kronecker_estimator(core, rank=1, reduce=_merge, name="R-KF-RTRL", reverse=True)
+    return kronecker_estimator(core, rank=1, reduce=_merge, name="R-KF-RTRL", reverse=True, joint=joint)
 
 
 register(
