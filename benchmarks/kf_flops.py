@@ -4,8 +4,11 @@ compiled step against ``2 n³``, and its time against a square matmul timed in t
 ``2 n³`` is one ``D_t A`` product for one ``n × n`` factor. A step propagates every stored
 carry-side row through ``D_t``: the ``A`` factor of every Dense kernel (``out`` rows each: a tanh
 RNN has an input and a recurrent kernel) and the rows of the parameters tracked exactly (the
-biases), so it costs ``2 · rows · n²``. The counts are XLA's ``cost_analysis()`` of the compiled
-step (``flops``, ``bytes accessed``: deterministic). The time is one full online training step
+biases), so it costs ``2 · rows · n²``. With ``joint=True`` (layout ``joint``) the kernels summed
+into one pre-activation share one factor with their biases: the tanh RNN has one ``n``-row factor
+and no exact rows, the peers' and Mujika et al.'s KF-RTRL; a GRU four factors instead of six kernels
+and four biases. The counts are XLA's ``cost_analysis()`` of the compiled step (``flops``,
+``bytes accessed``: deterministic). The time is one full online training step
 (``benchmarks/speed_memory.py``'s scan of step, grad and accumulation, best of ``--repeats``);
 ``× square mm`` is its FLOP rate over the rate of one 1024³ float32 matmul measured at the start of
 the same run, ``step / 2n³ at mm rate`` the step's time in units of one ``2 n³`` product at that rate.
@@ -13,8 +16,8 @@ the same run, ``step / 2n³ at mm rate`` the step's time in units of one ``2 n³
 
 Usage::
 
-    python benchmarks/kf_flops.py                # KF-RTRL, tanh RNN and GRU at n = 256
-    python benchmarks/kf_flops.py --sizes 128 256 --estimators kf ok
+    python benchmarks/kf_flops.py                # KF-RTRL, tanh RNN and GRU at n = 256, both layouts
+    python benchmarks/kf_flops.py --sizes 128 256 --estimators kf ok --layouts joint
 """
 
 from __future__ import annotations
@@ -31,24 +34,26 @@ import _report  # noqa: E402
 import speed_memory  # noqa: E402
 
 import rtrl_jax as rj  # noqa: E402
-from rtrl_jax._src.kronecker import kronecker_layout  # noqa: E402
 
 SQUARE = 1024
 STEPS = 10
 
 
-def count(name, cell, n):
+LAYOUTS = {"per-kernel": False, "joint": True}  # layout -> the estimators' ``joint`` option
+
+
+def count(name, cell, n, joint=False):
     """XLA's cost analysis of one step: ``(flops, bytes accessed, rows through D_t)``."""
     core = rj.from_linen(speed_memory.CELLS[cell](n), speed_memory.INPUT)
     params, carry = core.init(jax.random.PRNGKey(0))
-    estimator = rj.make_estimator(name, core)
+    estimator = rj.make_estimator(name, core, joint=joint)
     trace = estimator.init(params, carry)
     step = jax.jit(lambda t, c, x, k: estimator.step(t, params, c, x, key=k))
     x = jnp.ones(speed_memory.INPUT)
     cost = step.lower(trace, carry, x, jax.random.PRNGKey(1)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    rank = trace.a[0].shape[0]
-    rows = rank * sum(k.out_size for k in kronecker_layout(core).kernels) + trace.exact.shape[0]
+    # Every stored carry-side row: r · out per factor (r · in for reverse KF-RTRL), and the exact ones.
+    rows = sum(a.shape[0] * a.shape[1] for a in trace.a) + trace.exact.shape[0]
     return float(cost["flops"]), float(cost["bytes accessed"]), rows
 
 
@@ -56,12 +61,23 @@ def main(argv=None):
     parser = _report.parser(__doc__)
     parser.add_argument("--sizes", nargs="+", type=int, default=[256])
     parser.add_argument("--estimators", nargs="+", default=["kf"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-time", action="store_true", help="XLA's counts only (deterministic)")
     args = parser.parse_args(argv)
     timed = not args.no_time
     square_rate = speed_memory.matmul_rate(SQUARE, SQUARE, SQUARE) if timed else None
-    columns = ["estimator", "cell", "n", "rows through D_t", "XLA FLOPs", "/ 2n³", "rows / n", "XLA MB"]
+    columns = [
+        "estimator",
+        "layout",
+        "cell",
+        "n",
+        "rows through D_t",
+        "XLA FLOPs",
+        "/ 2n³",
+        "rows / n",
+        "XLA MB",
+    ]
     if timed:
         columns += ["step ms", "GFLOP/s", "× square mm", "step / 2n³ at mm rate"]
     header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
@@ -69,10 +85,12 @@ def main(argv=None):
     lines, rows = [], []
     for name in args.estimators:
         for cell in speed_memory.CELLS:
-            for n in args.sizes:
-                flops, nbytes, through = count(name, cell, n)
+            for n, layout in ((n, layout) for n in args.sizes for layout in args.layouts):
+                joint = LAYOUTS[layout]
+                flops, nbytes, through = count(name, cell, n, joint)
                 row = {
                     "estimator": name,
+                    "layout": layout,
                     "cell": cell,
                     "n": n,
                     "rows": through,
@@ -81,6 +99,7 @@ def main(argv=None):
                 }
                 cells = [
                     name,
+                    layout,
                     cell,
                     n,
                     through,
@@ -90,7 +109,8 @@ def main(argv=None):
                 ]
                 cells.append(f"{nbytes / 1e6:.2f}")
                 if timed:
-                    step_s = speed_memory.bench_estimator(name, cell, n, 1, STEPS, args.repeats)["step_s"]
+                    bench = speed_memory.bench_estimator(name, cell, n, 1, STEPS, args.repeats, joint=joint)
+                    step_s = bench["step_s"]
                     row.update(step_s=step_s, fraction_of_square_matmul=flops / step_s / square_rate)
                     cells += [f"{step_s * 1e3:.3f}", f"{flops / step_s / 1e9:.1f}"]
                     cells += [

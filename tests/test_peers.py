@@ -36,7 +36,7 @@ def test_compare_gives_ratios_within_each_sweep_and_the_target_only_when_every_p
     ]
     table, _ = peers.compare(sweeps, {}, ["a", "b"])
     rows = {r["algorithm"]: r for r in table}
-    assert [r["algorithm"] for r in table] == ["rtrl", "uoro", "snap"]  # the order of peers.ALGORITHMS
+    assert [r["algorithm"] for r in table] == ["rtrl", "uoro", "snap"]  # the order of peers.ROWS
     np.testing.assert_allclose(rows["rtrl"]["peers"]["a"]["ratio"], [2.0, 1.5])
     np.testing.assert_allclose(rows["rtrl"]["peers"]["b"]["ratio"], [4.0, 2.0])
     assert rows["rtrl"]["target_1"]
@@ -50,8 +50,24 @@ def test_compare_gives_ratios_within_each_sweep_and_the_target_only_when_every_p
     assert "| rtrl | 32 | 1.000–2.000 | 2.000–3.000 | 1.50–2.00 | 4.000 | 2.00–4.00 | yes |" in md
     assert "| uoro | 32 |" in md and "| **no** |" in md
     assert "| snap | 32 | 0.200–0.400 | – | – | – | – | no peer |" in md
-    assert "Target 1 (rtrl_jax faster than every peer in every sweep): 1 of 3 rows." in md
+    assert "Target 1 (rtrl_jax faster than every peer in every sweep): 1 of 2 rows with a peer." in md
     assert "- missed: uoro, n = 32: a takes 0.50–3.00× rtrl_jax's time (rtrl_jax up to 2.00× slower)" in md
+
+
+def test_kf_is_timed_as_the_peers_run_it_and_per_kernel_beside_it():
+    """The row compared with the peers is KF-RTRL with one factor per pre-activation (theirs); the
+    per-kernel default is an rtrl_jax row of its own, timed whenever KF is and tabled after it."""
+    assert peers._algorithm("kf") == ("kf", {"joint": True})
+    assert peers._algorithm("kf-per-kernel") == ("kf", {})
+    assert peers.ROWS == ("rtrl", "uoro", "kf", "kf-per-kernel", "snap", "rflo")
+
+
+@pytest.mark.slow  # two compiled scans
+def test_kf_rows_run_different_estimators():
+    problem = tanh_rnn(4, 3)
+    joint, per_kernel = (peers.rtrl_jax_run(name, problem, 3)() for name in ("kf", "kf-per-kernel"))
+    assert np.isfinite(joint).all() and np.isfinite(per_kernel).all()
+    assert not np.allclose(joint, per_kernel)  # different estimators on the same keys
 
 
 def test_compare_checks_each_gradient_against_the_reference():
