@@ -235,10 +235,7 @@ def kronecker_layout(core: Any, *, joint: bool = False) -> KroneckerLayout:
     joint_factors = []
     for group in shared_pre_activations(core, layout):
         biases = tuple(
-            leaf_index[bias]
-            for bias in ((*kernels[k].path, "bias") for k in group)
-            if bias in leaf_index
-            and tuple(paths_leaves[leaf_index[bias]][1].shape) == (kernels[group[0]].out_size,)
+            leaf_index[bias] for bias in ((*kernels[k].path, "bias") for k in group) if bias in leaf_index
         )
         in_size = sum(kernels[k].in_size for k in group) + len(biases)
         joint_factors.append(KroneckerFactor(tuple(group), biases, in_size, kernels[group[0]].out_size))
@@ -466,7 +463,7 @@ def kronecker_estimator(
 
     Args:
       core: a :class:`~rtrl_jax.Core` from :func:`~rtrl_jax.from_linen`.
-      rank: the number ``r`` of Kronecker terms kept per kernel.
+      rank: the number ``r`` of Kronecker terms kept per factor (a kernel, or a joint group).
       reduce: ``(u (r+1, in), a (r+1, out, S), key) -> (u (r, in), a (r, out, S))``, an unbiased
         reduction of ``r + 1`` terms (the ``r`` propagated ones, then the immediate one) to ``r``.
       name: the estimator's name for error messages.
@@ -490,7 +487,7 @@ def kronecker_estimator(
     check_supported(core, name)
     layout = kronecker_layout(core, joint=joint)
     num_factors = len(layout.factors)
-    # D_t acts on every stored row: r·out per kernel, and the exactly tracked parameters. With c
+    # D_t acts on every stored row: r·out per factor, and the exactly tracked parameters. With c
     # matrix-vector products per carry JVP, forming D_t once (c S³) and multiplying (rows · S²)
     # beats c JVPs per row (c · rows · S²) when rows (c - 1) > c S (a GRU; never a tanh RNN).
     size = core.carry_size
