@@ -24,9 +24,11 @@ applied once per step to a vector has ``ν̄_W = a ⊗ g`` with ``g = νᵀ ∂h
 output, whose cotangent is ``g``). Then ``‖ν̄_W‖ = ‖a‖ ‖g‖``, and ``a ⊗ g`` is formed only inside
 the update of ``θ̃_W``: the ``P``-sized ``ν̄`` is never written to memory nor reduced for its norm.
 Same estimator, same numbers up to the rounding of ``‖ν̄‖``. On XLA:CPU a reduction over a
-``P``-sized array is a YNNPACK call that the runtime may run on another thread of its pool; each
-such hand-over moves the array between cores, which cost the tanh RNN at ``n = 256`` more than the
-reduction itself when two threads ran the step.
+``P``-sized array is a YNNPACK call, and with two threads a profile of the scanned step showed each
+one run on the other thread of the pool while the step's thread waited for it, so each such
+reduction costs a hand-over between threads on top of its pass over memory. Other parameters
+(biases, kernels of layers applied more than once or to non-vector inputs) and cores that are not
+linen cells take one reverse pass.
 
 Reference: C. Tallec and Y. Ollivier, "Unbiased Online Recurrent Optimization", ICLR 2018,
 arXiv:1702.05043.
