@@ -360,31 +360,48 @@ def _stacked_input(factor: KroneckerFactor, inputs: tuple[jax.Array, ...]) -> ja
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: Any) -> _Linearized:
+def tapped_apply(
+    core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: Any, perturbations: dict[int, jax.Array]
+) -> tuple[Any, Any, tuple[jax.Array, ...]]:
+    """One step of ``core``'s linen cell that records the input ``a`` of every Dense kernel of
+    ``layout`` and adds ``perturbations[k]`` to kernel ``k``'s output ``z`` (for the ``k`` given).
+
+    Differentiating the new carry with respect to a zero perturbation gives ``∂h_t/∂z`` of that
+    kernel (its ``G_t``), with one reverse pass for every kernel together.
+
+    Returns:
+      ``(new_carry, out, inputs)``, ``inputs[k]`` the Dense input of kernel ``k``.
+    """
     import flax.linen as nn
 
+    index = {kernel.path: k for k, kernel in enumerate(layout.kernels)}
+    inputs: list[Any] = [None] * len(layout.kernels)
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        k = index.get(tuple(context.module.path)) if _is_dense_call(context) else None
+        if k is None:
+            return out
+        inputs[k] = args[0]
+        return out + perturbations[k].astype(out.dtype) if k in perturbations else out
+
+    with nn.intercept_methods(interceptor):
+        new_carry, out = core.apply(params, carry, x)
+    return new_carry, out, tuple(inputs)
+
+
+def _linearize(core: Any, layout: KroneckerLayout, params: Any, carry: Any, x: Any) -> _Linearized:
     split = _split(layout, params)
     flat_carry, unravel_carry = ravel_pytree(carry)
-    index = {kernel.path: k for k, kernel in enumerate(layout.kernels)}
-    # G_t is read once per factor, at its first kernel's output: its kernels all share it.
-    perturbed = {factor.kernels[0]: f for f, factor in enumerate(layout.factors)}
     dtype = jnp.result_type(flat_carry, *jax.tree.leaves(params))
 
     def apply(other, perturbations, h):
-        captured = [None] * len(layout.kernels)
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if _is_dense_call(context) and tuple(context.module.path) in index:
-                k = index[tuple(context.module.path)]
-                captured[k] = args[0]
-                if k in perturbed:
-                    out = out + perturbations[perturbed[k]].astype(out.dtype)
-            return out
-
-        with nn.intercept_methods(interceptor):
-            new_carry, out = core.apply(split.rebuild_leaves(split.factored, other), unravel_carry(h), x)
-        return ravel_pytree(new_carry)[0], (new_carry, out, tuple(captured))
+        # G_t is read once per factor, at its first kernel's output: its kernels all share it.
+        first = {factor.kernels[0]: z for factor, z in zip(layout.factors, perturbations, strict=True)}
+        new_carry, out, captured = tapped_apply(
+            core, layout, split.rebuild_leaves(split.factored, other), unravel_carry(h), x, first
+        )
+        return ravel_pytree(new_carry)[0], (new_carry, out, captured)
 
     zeros = tuple(jnp.zeros((factor.out_size,), dtype) for factor in layout.factors)
     new_flat, immediate_vjp, (new_carry, out, captured) = jax.vjp(

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rtrl_jax._src.base import CoreFn, Estimator
-from rtrl_jax._src.kronecker import KroneckerLayout, _is_dense_call, kronecker_layout, unsupported_reason
+from rtrl_jax._src.kronecker import KroneckerLayout, kronecker_layout, tapped_apply, unsupported_reason
 from rtrl_jax._src.registry import register
 from rtrl_jax._src.signs import random_signs
 
@@ -84,28 +84,16 @@ class _Immediate(NamedTuple):
 def _factored_immediate(core: Any, layout: KroneckerLayout, params, carry, x, nu) -> _Immediate:
     """One reverse pass of the cell from the carry cotangent ``nu``, with the Dense kernels of
     ``layout`` held fixed and a zero perturbation on each one's output, whose cotangent is ``g``."""
-    import flax.linen as nn
-
     leaves, treedef = jax.tree.flatten(params)
-    index = {kernel.path: k for k, kernel in enumerate(layout.kernels)}
 
     def apply(other, perturbations):
-        inputs = [None] * len(layout.kernels)
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            k = index.get(tuple(context.module.path)) if _is_dense_call(context) else None
-            if k is None:
-                return out
-            inputs[k] = args[0]
-            return out + perturbations[k].astype(out.dtype)
-
         new_leaves = list(leaves)
         for i, leaf in zip(layout.other_leaves, other, strict=True):
             new_leaves[i] = leaf
-        with nn.intercept_methods(interceptor):
-            new_carry, _ = core.apply(treedef.unflatten(new_leaves), carry, x)
-        return ravel_pytree(new_carry)[0], tuple(inputs)
+        new_carry, _, inputs = tapped_apply(
+            core, layout, treedef.unflatten(new_leaves), carry, x, dict(enumerate(perturbations))
+        )
+        return ravel_pytree(new_carry)[0], inputs
 
     dtype = jnp.result_type(*leaves)
     zeros = tuple(jnp.zeros((kernel.out_size,), dtype) for kernel in layout.kernels)
