@@ -140,7 +140,7 @@ class KroneckerLayout(NamedTuple):
 class KroneckerState(NamedTuple):
     """Trace of a Kronecker-sum estimator (KF-RTRL is rank 1, r-OK rank r).
 
-    For factor ``k`` (:attr:`KroneckerLayout.factors`: a Dense kernel, or a group of them with
+    For factor ``k`` (``KroneckerLayout.factors``: a Dense kernel, or a group of them with
     their biases): ``J_k ≈ Σ_q u[k][q] ⊗ a[k][q]``.
 
     Attributes:
