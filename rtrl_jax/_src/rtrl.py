@@ -31,10 +31,11 @@ at most ``P / k`` rows, so the peak memory of a step (with the trace donated) fa
 (``row_blocks=None``) a trace of at least :data:`CHUNKED_TRACE_BYTES` is updated in
 :data:`DEFAULT_ROW_BLOCKS` chunks and a smaller one in one piece: XLA's ``memory_analysis()`` of a
 donated step gives a peak of 1.26× the trace for a tanh RNN and 1.44× for a GRU at n = 128 (1.28×,
-1.47× at n = 64) against 2.0× unchunked; chunks of a few thousand rows keep the matmul rate, while
-at n = 32 (a trace under 1 MiB, chunks of a few hundred rows) chunking cost 5–17 % of the step
-(``benchmarks/rtrl_row_blocks.py``, ``benchmarks/results/rtrl_row_blocks.md``). Pass
-``row_blocks=1`` when the trace is sharded along its rows.
+1.47× at n = 64) against 2.0× unchunked. The smaller products cost speed: on an idle 2-core CPU the
+chunked step took 0.95–1.46× the unchunked one at n = 64 and 128, and at n = 32 (a trace under
+1 MiB, left whole by default) 1.3–1.5× (``benchmarks/rtrl_row_blocks.py``,
+``benchmarks/results/rtrl_row_blocks.md``). Pass ``row_blocks=1`` when speed matters more than
+memory, and when the trace is sharded along its rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
 BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
