@@ -1,6 +1,6 @@
 """Exact RTRL's default ``row_blocks`` against ``row_blocks=1``: speed and peak memory in one run.
 
-For each cell (tanh RNN, GRU) and hidden size ``n``, the same jitted, donated ``lax.scan`` of ``T``
+For each cell (tanh RNN, GRU, LSTM) and hidden size ``n``, the same jitted, donated ``lax.scan`` of ``T``
 online training steps as ``benchmarks/speed_memory.py`` is compiled for ``rtrl(core)`` (the
 default) and for ``rtrl(core, row_blocks=k)`` for each ``k`` of ``--blocks``. Peak memory is XLA's
 ``memory_analysis()`` of the compiled scan against the trace (deterministic); time per step is
@@ -11,6 +11,7 @@ machine's load shifts every configuration of a round alike).
 Usage::
 
     python benchmarks/rtrl_row_blocks.py                          # n = 32, 64, 128; about 2 minutes
+    python benchmarks/rtrl_row_blocks.py --sizes 32 64 128 256 --rounds 7   # about 5 minutes
     python benchmarks/rtrl_row_blocks.py --sizes 256 --blocks 1 4 8 --out results/x.md
 """
 
@@ -20,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,9 +34,20 @@ import speed_memory as sm  # noqa: E402
 import rtrl_jax as rj  # noqa: E402
 from rtrl_jax._src.rtrl import default_row_blocks  # noqa: E402
 
+# The speed benchmark's cells and an LSTM, whose trace is eight comparable blocks (four input and
+# four recurrent kernels) where the tanh RNN's is one recurrent kernel and a GRU's six kernels.
+CELLS = {**sm.CELLS, "lstm": lambda n: nn.LSTMCell(n)}
+
+
+def _problem(cell, n):
+    core = rj.from_linen(CELLS[cell](n), sm.INPUT)
+    params, carry = core.init(jax.random.PRNGKey(0), sm.DTYPE)
+    carries = jax.tree.map(lambda c: jnp.broadcast_to(c, (1, *c.shape)), carry)
+    return core, params, carries
+
 
 def bench(cell, n, blocks, steps, rounds):
-    core, params, carry, carries = sm._problem(cell, n, 1)
+    core, params, carries = _problem(cell, n)
     xs = jax.random.normal(jax.random.PRNGKey(2), (steps, 1, sm.INPUT), sm.DTYPE)
     keys = jax.random.split(jax.random.PRNGKey(3), (steps, 1))
     ws = jax.random.normal(jax.random.PRNGKey(4), (steps, 1, n), sm.DTYPE)
@@ -89,7 +103,7 @@ def main(argv=None):
     parser = _report.parser(__doc__)
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--blocks", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--cells", nargs="+", default=list(sm.CELLS), choices=list(sm.CELLS))
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)

@@ -1,12 +1,21 @@
-"""Exact RTRL's default row blocks: chunked updates for large traces keep a step's peak memory at
-most 1.5× the trace (XLA's memory analysis of the compiled, donated step), small traces stay whole."""
+"""Exact RTRL's default row blocks: a large trace is updated one block (or chunk) at a time, which keeps
+a step's peak memory at most 1.5× the trace (XLA's memory analysis of the compiled, donated step);
+small traces stay whole."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import rtrl_jax as rj
-from rtrl_jax._src.rtrl import CHUNKED_TRACE_BYTES, DEFAULT_ROW_BLOCKS, default_row_blocks
+from rtrl_jax._src.rtrl import (
+    CHUNKED_TRACE_BYTES,
+    DEFAULT_ROW_BLOCKS,
+    WHOLE_BLOCK_SHARE,
+    _propagate,
+    default_row_blocks,
+)
 
 
 def test_default_row_blocks_chunk_only_large_traces():
@@ -14,6 +23,32 @@ def test_default_row_blocks_chunk_only_large_traces():
     large = [jax.ShapeDtypeStruct((CHUNKED_TRACE_BYTES // 128, 32), jnp.float32)]
     assert default_row_blocks(small) == 1
     assert default_row_blocks(large) == DEFAULT_ROW_BLOCKS
+
+
+def test_default_row_blocks_keep_comparable_blocks_whole():
+    rows = CHUNKED_TRACE_BYTES // 128
+    comparable = [jax.ShapeDtypeStruct((rows, 32), jnp.float32)] * WHOLE_BLOCK_SHARE
+    dominant = [*comparable[1:], jax.ShapeDtypeStruct((rows + 1, 32), jnp.float32)]
+    assert default_row_blocks(comparable) == WHOLE_BLOCK_SHARE
+    assert default_row_blocks(dominant) == DEFAULT_ROW_BLOCKS
+
+
+@pytest.mark.x64
+@pytest.mark.parametrize("max_rows", [None, 4, 7, 100])
+def test_ordered_updates_equal_independent_ones_even_past_a_non_finite_entry(max_rows):
+    # A NaN or inf in one block reaches the next block's product only through a zero factor, and
+    # must not turn that block's entries into NaN.
+    keys = jax.random.split(jax.random.PRNGKey(0), 7)
+    shapes = [(12, 5), (7, 5), (20, 5)]
+    blocks = [jax.random.normal(k, s, jnp.float64) for k, s in zip(keys[:3], shapes, strict=True)]
+    blocks[0] = blocks[0].at[0, 0].set(jnp.nan)
+    blocks[1] = blocks[1].at[0, 0].set(jnp.inf)
+    immediates = [jax.random.normal(k, s, jnp.float64) for k, s in zip(keys[3:6], shapes, strict=True)]
+    dynamics_t = jax.random.normal(keys[6], (5, 5), jnp.float64)
+    updated = jax.jit(_propagate, static_argnums=3)(blocks, immediates, dynamics_t, max_rows)
+    for new, block, imm in zip(updated, blocks, immediates, strict=True):
+        np.testing.assert_allclose(new, block @ dynamics_t + imm, rtol=1e-13, atol=1e-13)
+    assert np.isfinite(updated[2]).all()
 
 
 def _peak_over_trace(estimator, core, params, carry):
@@ -30,8 +65,9 @@ def _peak_over_trace(estimator, core, params, carry):
     return peak / sum(leaf.nbytes for leaf in jax.tree.leaves(trace))
 
 
-def test_default_peak_is_at_most_one_and_a_half_traces_for_a_megabyte_trace():
-    core = rj.from_linen(nn.SimpleCell(features=64), 8)
+@pytest.mark.parametrize(("cell", "features"), [(nn.SimpleCell, 192), (nn.GRUCell, 128)])
+def test_default_peak_is_at_most_one_and_a_half_traces_for_a_large_trace(cell, features):
+    core = rj.from_linen(cell(features=features), 8)
     params, carry = core.init(jax.random.PRNGKey(0))
     assert rj.trace_bytes(rj.rtrl(core), params, carry) >= CHUNKED_TRACE_BYTES
     assert _peak_over_trace(rj.rtrl(core), core, params, carry) <= 1.5

@@ -25,17 +25,22 @@ XLA:CPU does not fuse into the addition (it cost a GRU with ``n = 128`` a third 
 No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve independently given
 ``D_t``, which is what :mod:`rtrl_jax._src.sharding` uses to shard each block along its rows.
 
-With ``row_blocks=k > 1`` every block with more than ``P / k`` rows is updated in place in chunks of
-at most ``P / k`` rows, so the peak memory of a step (with the trace donated) falls from two traces
-(``k = 1``: the product ``J_{t-1} D_tᵀ`` cannot overwrite its own operand) towards one. By default
-(``row_blocks=None``) a trace of at least :data:`CHUNKED_TRACE_BYTES` is updated in
-:data:`DEFAULT_ROW_BLOCKS` chunks and a smaller one in one piece: XLA's ``memory_analysis()`` of a
-donated step gives a peak of 1.26× the trace for a tanh RNN and 1.44× for a GRU at n = 128 (1.28×,
-1.47× at n = 64) against 2.0× unchunked. The smaller products cost speed: on an idle 2-core CPU the
-chunked step took 0.95–1.46× the unchunked one at n = 64 and 128, and at n = 32 (a trace under
-1 MiB, left whole by default) 1.3–1.5× (``benchmarks/rtrl_row_blocks.py``,
-``benchmarks/results/rtrl_row_blocks.md``). Pass ``row_blocks=1`` when speed matters more than
-memory, and when the trace is sharded along its rows.
+With ``k = row_blocks = 1`` every block's product ``J_{t-1} D_tᵀ`` is formed independently: XLA
+may run them concurrently and holds all of them before the additions, so the peak memory of a step
+(with the trace donated) is two traces. With ``k > 1`` the blocks are updated one after another,
+each product waiting on the previous update through a zero-valued data dependence, so a step
+holds one product at a time; a block of more than ``P / k`` rows is updated in place in chunks of
+at most ``P / k`` rows. By default (``row_blocks=None``, :func:`default_row_blocks`) a trace under
+:data:`CHUNKED_TRACE_BYTES` (16 MiB) is updated with ``k = 1``; a larger one of several comparable
+blocks (a GRU's or an LSTM's kernels) one whole block after another, with no chunks; a larger one
+dominated by one block (a tanh RNN's recurrent kernel) in :data:`DEFAULT_ROW_BLOCKS` chunks. XLA's
+``memory_analysis()`` of a donated step then gives a peak of 1.33× the trace for a GRU, 1.25–1.26×
+for an LSTM and 1.25× for a tanh RNN (n = 128 and 256) against 2.0× with ``k = 1``. On an idle
+2-core CPU the ordered GRU and LSTM steps took 0.94–1.01× the time of ``k = 1``; the tanh RNN's
+chunks took 1.17× at n = 256, because XLA:CPU copies each row slice before its product, an extra
+pass over the trace (``benchmarks/rtrl_row_blocks.py``, ``benchmarks/results/rtrl_row_blocks.md``).
+Pass ``row_blocks=1`` when speed matters more than memory, and when the trace is sharded along its
+rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
 BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
@@ -106,30 +111,74 @@ def dynamics_and_immediate(core: CoreFn, params, carry, x):
     return unravel_carry(new_flat_carry), out, dynamics, immediate_t
 
 
-def _propagate(block, dynamics_t, immediate, max_rows):
-    """``block Dᵀ + immediate`` for one leaf's block, in place by chunks of at most ``max_rows``."""
-    rows = block.shape[0]
-    chunks = max(1, -(-rows // max_rows))
-    if chunks == 1:
-        return block @ dynamics_t + immediate
-    bounds = [rows * i // chunks for i in range(chunks + 1)]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        block = block.at[lo:hi].set(block[lo:hi] @ dynamics_t + immediate[lo:hi])
-    return block
+def _after(dynamics_t, updated):
+    """``dynamics_t``, made to depend on ``updated``: a product that reads it runs after ``updated``.
+
+    ``0 · nan_to_num(updated[0, 0])`` is zero whatever ``updated`` holds, and XLA does not fold a
+    float times zero away, so the sum is a true data dependence. It orders the updates of the
+    trace's blocks, which XLA would otherwise schedule products first and additions after, keeping
+    every block's product alive at once (a second trace); ``jax.lax.optimization_barrier`` is
+    dropped by XLA:CPU before scheduling and cannot order them.
+    """
+    if updated is None:
+        return dynamics_t
+    return dynamics_t + 0 * jnp.nan_to_num(updated[(0,) * updated.ndim])
+
+
+def _propagate(blocks, immediates, dynamics_t, max_rows):
+    """``block Dᵀ + immediate`` for every block, one update after another.
+
+    With ``max_rows=None`` every block is updated whole and independently (XLA may run the
+    products concurrently, and holds all of them at once: a step's peak is two traces). Otherwise
+    each product runs after the previous update, so a step holds one product at a time, and a block
+    of more than ``max_rows`` rows is updated in place in chunks of at most ``max_rows`` rows.
+    """
+    if max_rows is None:
+        return [block @ dynamics_t + imm for block, imm in zip(blocks, immediates, strict=True)]
+    updated, previous = [], None
+    for block, imm in zip(blocks, immediates, strict=True):
+        rows = block.shape[0]
+        chunks = max(1, -(-rows // max_rows))
+        if chunks == 1:
+            block = previous = block @ _after(dynamics_t, previous) + imm
+        else:
+            bounds = [rows * i // chunks for i in range(chunks + 1)]
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                previous = block[lo:hi] @ dynamics_t + imm[lo:hi]
+                block = block.at[lo:hi].set(previous)
+        updated.append(block)
+    return updated
 
 
 DEFAULT_ROW_BLOCKS = 8
-"""The chunks a large trace is updated in by default (peak of a step ≤ 1.5× the trace)."""
+"""The chunks a large trace dominated by one block is updated in by default (peak ≤ 1.5× the trace)."""
 
-CHUNKED_TRACE_BYTES = 2**20
-"""The trace size from which the default updates it in chunks (below it a step's speed matters more
-than its memory, and chunks too small to run at the matmul rate would cost speed)."""
+WHOLE_BLOCK_SHARE = 3
+"""A large trace whose blocks each hold at most ``1 / WHOLE_BLOCK_SHARE`` of its rows is updated by
+default one whole block after another (``row_blocks = WHOLE_BLOCK_SHARE``), with no chunks."""
+
+CHUNKED_TRACE_BYTES = 2**24
+"""The trace size (16 MiB) from which the default bounds a step's peak memory. Below it a second
+trace costs little memory, and one product at a time costs speed: on a 2-core CPU the ordered step
+of a GRU took 1.15–1.43× the unordered one with a 3.4 MiB trace (n = 64) and 1.00× with 26 MiB."""
 
 
 def default_row_blocks(blocks) -> int:
-    """:data:`DEFAULT_ROW_BLOCKS` for influence blocks of at least :data:`CHUNKED_TRACE_BYTES`, else 1."""
+    """The default ``row_blocks`` for influence blocks ``blocks``.
+
+    ``1`` (whole, independent updates) for a trace under :data:`CHUNKED_TRACE_BYTES`;
+    :data:`WHOLE_BLOCK_SHARE` (whole blocks one after another) for a larger trace of several
+    comparable blocks (a GRU's or an LSTM's kernels); :data:`DEFAULT_ROW_BLOCKS` chunks for a larger
+    trace with a block of more than ``1 / WHOLE_BLOCK_SHARE`` of its rows (a tanh RNN's recurrent
+    kernel).
+    """
     nbytes = sum(b.size * jnp.dtype(b.dtype).itemsize for b in blocks)
-    return DEFAULT_ROW_BLOCKS if nbytes >= CHUNKED_TRACE_BYTES else 1
+    if nbytes < CHUNKED_TRACE_BYTES:
+        return 1
+    rows = sum(b.shape[0] for b in blocks)
+    if WHOLE_BLOCK_SHARE * max(b.shape[0] for b in blocks) <= rows:
+        return WHOLE_BLOCK_SHARE
+    return DEFAULT_ROW_BLOCKS
 
 
 def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
@@ -137,9 +186,10 @@ def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
 
     Args:
       core: a recurrent core ``(params, carry, x) -> (carry, out)`` for one stream.
-      row_blocks: ``k``: update every block of the trace with more than ``P / k`` rows in place, in
-        chunks of at most ``P / k`` rows; ``1`` is fastest for small traces, larger values lower
-        the peak memory of a step towards one trace; ``None`` (default): :func:`default_row_blocks`.
+      row_blocks: ``k``: with ``k = 1`` every block's product is formed independently (fastest,
+        a step's peak is two traces); with ``k > 1`` the blocks are updated one after another and
+        every block of more than ``P / k`` rows in place in chunks of at most ``P / k`` rows, which
+        lowers the peak towards one trace; ``None`` (default): :func:`default_row_blocks`.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is :class:`RTRLState`.
@@ -168,13 +218,11 @@ def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
         dtype = blocks[0].dtype if blocks else dynamics.dtype
         dynamics_t = dynamics.T.astype(dtype)
         chunks = default_row_blocks(blocks) if row_blocks is None else row_blocks
-        max_rows = -(-sum(b.shape[0] for b in blocks) // chunks)
-        influence = jax.tree.map(
-            lambda block, imm: _propagate(block, dynamics_t, imm.astype(dtype), max_rows),
-            trace.influence,
-            immediate_t,
-        )
-        return new_carry, out, RTRLState(influence)
+        max_rows = None if chunks == 1 else -(-sum(b.shape[0] for b in blocks) // chunks)
+        treedef = jax.tree.structure(trace.influence)
+        immediates = [imm.astype(dtype) for imm in treedef.flatten_up_to(immediate_t)]
+        influence = _propagate(blocks, immediates, dynamics_t, max_rows) if blocks else []
+        return new_carry, out, RTRLState(jax.tree.unflatten(treedef, influence))
 
     def grad(trace, params, carry_bar):
         flat_carry_bar, _ = ravel_pytree(carry_bar)
