@@ -28,9 +28,10 @@ No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve ind
 With ``k = row_blocks = 1`` every block's product ``J_{t-1} D_tᵀ`` is formed independently: XLA
 may run them concurrently and holds all of them before the additions, so the peak memory of a step
 (with the trace donated) is two traces. With ``k > 1`` the blocks are updated one after another,
-each product waiting on the previous update through a zero-valued data dependence, so a step
-holds one product at a time; a block of more than ``P / k`` rows is updated in place in chunks of
-at most ``P / k`` rows. By default (``row_blocks=None``, :func:`default_row_blocks`) a trace under
+each product waiting on the previous update (``base.after``: a data dependence on CPU, where XLA
+would otherwise run every product before the additions; other backends are left to XLA's
+scheduler), so a step holds one product at a time; a block of more than ``P / k`` rows is updated
+in place in chunks of at most ``P / k`` rows. By default (``row_blocks=None``, :func:`default_row_blocks`) a trace under
 :data:`CHUNKED_TRACE_BYTES` (16 MiB) is updated with ``k = 1``; a larger one of several comparable
 blocks (a GRU's or an LSTM's kernels) one whole block after another, with no chunks; a larger one
 dominated by one block (a tanh RNN's recurrent kernel) in :data:`DEFAULT_ROW_BLOCKS` chunks. XLA's
@@ -60,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rtrl_jax._src.base import CoreFn, Estimator
+from rtrl_jax._src.base import CoreFn, Estimator, after
 from rtrl_jax._src.registry import always_exact, register
 
 
@@ -111,20 +112,6 @@ def dynamics_and_immediate(core: CoreFn, params, carry, x):
     return unravel_carry(new_flat_carry), out, dynamics, immediate_t
 
 
-def _after(dynamics_t, updated):
-    """``dynamics_t``, made to depend on ``updated``: a product that reads it runs after ``updated``.
-
-    ``0 · nan_to_num(updated[0, 0])`` is zero whatever ``updated`` holds, and XLA does not fold a
-    float times zero away, so the sum is a true data dependence. It orders the updates of the
-    trace's blocks, which XLA would otherwise schedule products first and additions after, keeping
-    every block's product alive at once (a second trace); ``jax.lax.optimization_barrier`` is
-    dropped by XLA:CPU before scheduling and cannot order them.
-    """
-    if updated is None:
-        return dynamics_t
-    return dynamics_t + 0 * jnp.nan_to_num(updated[(0,) * updated.ndim])
-
-
 def _propagate(blocks, immediates, dynamics_t, max_rows):
     """``block Dᵀ + immediate`` for every block, one update after another.
 
@@ -140,7 +127,7 @@ def _propagate(blocks, immediates, dynamics_t, max_rows):
         rows = block.shape[0]
         chunks = max(1, -(-rows // max_rows))
         if chunks == 1:
-            block = previous = block @ _after(dynamics_t, previous) + imm
+            block = previous = block @ after(dynamics_t, previous) + imm
         else:
             bounds = [rows * i // chunks for i in range(chunks + 1)]
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
