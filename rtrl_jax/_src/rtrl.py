@@ -37,8 +37,8 @@ comparable blocks (a GRU's or an LSTM's kernels) one whole block after another, 
 larger one dominated by one block (a tanh RNN's recurrent kernel) in :data:`DEFAULT_ROW_BLOCKS`
 chunks. XLA's ``memory_analysis()`` of a donated step then gives a peak of 1.33× the trace for a
 GRU, 1.25–1.26× for an LSTM and 1.25× for a tanh RNN (n = 128 and 256) against 2.0× with ``k = 1``.
-On an idle 2-core CPU the ordered GRU and LSTM steps took 0.94–1.01× the time of ``k = 1``; the tanh
-RNN's chunks took 1.17× at n = 256, because XLA:CPU copies each row slice before its product, an
+On an idle 2-core CPU the ordered GRU and LSTM steps took 0.97–1.04× the time of ``k = 1``; the tanh
+RNN's chunks took 1.14–1.23× at n = 256, because XLA:CPU copies each row slice before its product, an
 extra pass over the trace (``benchmarks/rtrl_row_blocks.py``,
 ``benchmarks/results/rtrl_row_blocks.md``). Pass ``row_blocks=1`` when speed matters more than
 memory, and when the trace is sharded along its rows.
