@@ -147,7 +147,10 @@ default one whole block after another (``row_blocks = WHOLE_BLOCK_SHARE``), with
 CHUNKED_TRACE_BYTES = 2**24
 """The trace size (16 MiB) from which the default bounds a step's peak memory. Below it a second
 trace costs little memory, and one product at a time costs speed: on a 2-core CPU the ordered step
-of a GRU took 1.15–1.43× the unordered one with a 3.4 MiB trace (n = 64) and 1.00× with 26 MiB."""
+of a GRU took 1.15–1.43× the unordered one with a 3.4 MiB trace (n = 64) and 1.00× with 26 MiB.
+The size is one stream's: the step is written for one stream, so under ``jax.vmap`` over ``B``
+streams it cannot see ``B``. With many streams of small traces, pass ``row_blocks=3`` (or more)
+to bound the peak of the batch."""
 
 
 def default_row_blocks(blocks) -> int:
