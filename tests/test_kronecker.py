@@ -399,6 +399,20 @@ def test_after_serialises_only_when_lowered_for_cpu(platform, serialised):
     assert ("stablehlo.select" in exported.mlir_module()) == serialised
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_after_on_every_backend_orders_every_platform(platform):
+    """An order that bounds memory (exact RTRL's block updates) is kept on every platform."""
+    from jax import export
+
+    from rtrl_jax._src.base import after
+
+    def ordered(a, dep):
+        return after(a, dep, every_backend=True)
+
+    exported = export.export(jax.jit(ordered), platforms=[platform])(jnp.arange(3.0), jnp.ones(2))
+    assert "stablehlo.select" in exported.mlir_module()
+
+
 def test_a_non_finite_trace_does_not_reach_the_next_estimator(x64):
     """Estimators run one after the other on a shared trajectory; one whose trace is all NaN must
     leave the next one's gradients exactly as when it runs alone."""

@@ -204,7 +204,7 @@ def influence_matrix(estimator: Estimator, trace: Trace, params: Params, carry: 
     return jax.vmap(row)(basis)
 
 
-def after(tree: Any, dependencies: Any) -> Any:
+def after(tree: Any, dependencies: Any, *, every_backend: bool = False) -> Any:
     """``tree`` unchanged, but computed only once ``dependencies`` are, when compiled for CPU.
 
     Serialises linear algebra that must not run concurrently on XLA:CPU: jaxlib's batched LAPACK
@@ -218,7 +218,9 @@ def after(tree: Any, dependencies: Any) -> Any:
 
     The choice is made per platform when the function is lowered
     (``jax.lax.platform_dependent``): GPU and TPU kernels do not share a blocking host pool, so
-    there ``tree`` is returned with no dependency and no extra pass over it.
+    there ``tree`` is returned with no dependency and no extra pass over it. With
+    ``every_backend=True`` the dependency is made on every platform: for an order that bounds
+    memory rather than avoids a deadlock (exact RTRL's block updates, one product alive at a time).
     """
     leaves = [jnp.ravel(leaf)[:1] for leaf in jax.tree.leaves(dependencies)]
     if not leaves:
@@ -229,4 +231,6 @@ def after(tree: Any, dependencies: Any) -> Any:
         never = jnp.any(jnp.isnan(token) & jnp.isinf(token))
         return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
 
+    if every_backend:
+        return serialised(tree, token)
     return jax.lax.platform_dependent(tree, token, cpu=serialised, default=lambda tree, token: tree)

@@ -28,20 +28,19 @@ No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve ind
 With ``k = row_blocks = 1`` every block's product ``J_{t-1} D_tᵀ`` is formed independently: XLA may
 run them concurrently and holds all of them before the additions, so the peak memory of a step (with
 the trace donated) is two traces. With ``k > 1`` the blocks are updated one after another, each
-product waiting on the previous update (``base.after``: a data dependence on CPU, where XLA would
-otherwise run every product before the additions; other backends are left to XLA's scheduler), so a
-step holds one product at a time; a block of more than ``P / k`` rows is updated in place in chunks
-of at most ``P / k`` rows. By default (``row_blocks=None``, :func:`default_row_blocks`) a trace
-under :data:`CHUNKED_TRACE_BYTES` (16 MiB) is updated with ``k = 1``; a larger one of several
-comparable blocks (a GRU's or an LSTM's kernels) one whole block after another, with no chunks; a
-larger one dominated by one block (a tanh RNN's recurrent kernel) in :data:`DEFAULT_ROW_BLOCKS`
-chunks. XLA's ``memory_analysis()`` of a donated step then gives a peak of 1.33× the trace for a
-GRU, 1.25–1.26× for an LSTM and 1.25× for a tanh RNN (n = 128 and 256) against 2.0× with ``k = 1``.
-On an idle 2-core CPU the ordered GRU and LSTM steps took 0.97–1.04× the time of ``k = 1``; the tanh
-RNN's chunks took 1.14–1.23× at n = 256, because XLA:CPU copies each row slice before its product, an
-extra pass over the trace (``benchmarks/rtrl_row_blocks.py``,
-``benchmarks/results/rtrl_row_blocks.md``). Pass ``row_blocks=1`` when speed matters more than
-memory, and when the trace is sharded along its rows.
+product waiting on the previous update (``base.after``, a data dependence on every backend: XLA:CPU
+would otherwise run every product before the additions), so a step holds one product at a time; a
+block of more than ``P / k`` rows is updated in place in chunks of at most ``P / k`` rows. By
+default (``row_blocks=None``, :func:`default_row_blocks`) a trace under :data:`CHUNKED_TRACE_BYTES`
+(16 MiB) is updated with ``k = 1``; a larger one of several comparable blocks (a GRU's or an LSTM's
+kernels) one whole block after another, with no chunks; a larger one dominated by one block (a tanh
+RNN's recurrent kernel) in :data:`DEFAULT_ROW_BLOCKS` chunks. XLA's ``memory_analysis()`` of a
+donated step then gives a peak of 1.33× the trace for a GRU, 1.25–1.26× for an LSTM and 1.25× for a
+tanh RNN (n = 128 and 256) against 2.0× with ``k = 1``. On an idle 2-core CPU the ordered GRU and
+LSTM steps took 0.97–1.04× the time of ``k = 1``; the tanh RNN's chunks took 1.14–1.23× at n = 256,
+because XLA:CPU copies each row slice before its product, an extra pass over the trace
+(``benchmarks/rtrl_row_blocks.py``, ``benchmarks/results/rtrl_row_blocks.md``). Pass
+``row_blocks=1`` when speed matters more than memory, and when the trace is sharded along its rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
 BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
@@ -127,7 +126,7 @@ def _propagate(blocks, immediates, dynamics_t, max_rows):
         rows = block.shape[0]
         chunks = max(1, -(-rows // max_rows))
         if chunks == 1:
-            block = previous = block @ after(dynamics_t, previous) + imm
+            block = previous = block @ after(dynamics_t, previous, every_backend=True) + imm
         else:
             bounds = [rows * i // chunks for i in range(chunks + 1)]
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
