@@ -23,7 +23,6 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,15 +38,8 @@ from rtrl_jax._src.rtrl import default_row_blocks  # noqa: E402
 CELLS = {**sm.CELLS, "lstm": lambda n: nn.LSTMCell(n)}
 
 
-def _problem(cell, n):
-    core = rj.from_linen(CELLS[cell](n), sm.INPUT)
-    params, carry = core.init(jax.random.PRNGKey(0), sm.DTYPE)
-    carries = jax.tree.map(lambda c: jnp.broadcast_to(c, (1, *c.shape)), carry)
-    return core, params, carries
-
-
 def bench(cell, n, blocks, steps, rounds):
-    core, params, carries = _problem(cell, n)
+    core, params, _, carries = sm._problem(cell, n, 1, CELLS)
     xs = jax.random.normal(jax.random.PRNGKey(2), (steps, 1, sm.INPUT), sm.DTYPE)
     keys = jax.random.split(jax.random.PRNGKey(3), (steps, 1))
     ws = jax.random.normal(jax.random.PRNGKey(4), (steps, 1, n), sm.DTYPE)

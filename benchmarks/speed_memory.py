@@ -96,8 +96,8 @@ def _has_pp_array(hlo_text, num_params):
     return False
 
 
-def _problem(cell_name, n, batch):
-    core = rj.from_linen(CELLS[cell_name](n), INPUT)
+def _problem(cell_name, n, batch, cells=CELLS):
+    core = rj.from_linen(cells[cell_name](n), INPUT)
     params, carry = core.init(jax.random.PRNGKey(0), DTYPE)
     carries = jax.tree.map(lambda c: jnp.broadcast_to(c, (batch, *c.shape)), carry)
     return core, params, carry, carries

@@ -36,8 +36,8 @@ def test_default_row_blocks_keep_comparable_blocks_whole():
 @pytest.mark.x64
 @pytest.mark.parametrize("max_rows", [None, 4, 7, 100])
 def test_ordered_updates_equal_independent_ones_even_past_a_non_finite_entry(max_rows):
-    # A NaN or inf in one block reaches the next block's product only through a zero factor, and
-    # must not turn that block's entries into NaN.
+    # A NaN or inf in one block reaches the next block's product only through the ordering's data
+    # dependence, and must not turn that block's entries into NaN.
     keys = jax.random.split(jax.random.PRNGKey(0), 7)
     shapes = [(12, 5), (7, 5), (20, 5)]
     blocks = [jax.random.normal(k, s, jnp.float64) for k, s in zip(keys[:3], shapes, strict=True)]

@@ -116,8 +116,9 @@ def _propagate(blocks, immediates, dynamics_t, max_rows):
 
     With ``max_rows=None`` every block is updated whole and independently (XLA may run the
     products concurrently, and holds all of them at once: a step's peak is two traces). Otherwise
-    each product runs after the previous update, so a step holds one product at a time, and a block
-    of more than ``max_rows`` rows is updated in place in chunks of at most ``max_rows`` rows.
+    a whole block's product waits on the previous update (``after``), so a step holds one product
+    at a time, and a block of more than ``max_rows`` rows is updated in place in chunks of at most
+    ``max_rows`` rows, each chunk's product reading the block its predecessor's update wrote.
     """
     if max_rows is None:
         return [block @ dynamics_t + imm for block, imm in zip(blocks, immediates, strict=True)]
@@ -210,7 +211,7 @@ def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
         max_rows = None if chunks == 1 else -(-sum(b.shape[0] for b in blocks) // chunks)
         treedef = jax.tree.structure(trace.influence)
         immediates = [imm.astype(dtype) for imm in treedef.flatten_up_to(immediate_t)]
-        influence = _propagate(blocks, immediates, dynamics_t, max_rows) if blocks else []
+        influence = _propagate(blocks, immediates, dynamics_t, max_rows)
         return new_carry, out, RTRLState(jax.tree.unflatten(treedef, influence))
 
     def grad(trace, params, carry_bar):
