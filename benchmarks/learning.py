@@ -325,6 +325,12 @@ def run_add(cfg: dict) -> dict:
     return {"baselines": tasks.add_task_baselines(cfg["t1"], cfg["t2"]), "results": rows, "sweep": sweep}
 
 
+def _steps_to_level(lengths: list[int], level: int, check_every: int) -> int | None:
+    """Training steps before the curriculum first trained at ``level`` (``lengths``: the level of
+    each check of ``check_every`` steps), ``None`` if it never did."""
+    return next((i * check_every for i, trained in enumerate(lengths) if trained >= level), None)
+
+
 def run_copy_curriculum(cfg: dict) -> dict:
     """The copy task with a length curriculum; the length reached after ``steps`` steps.
 
@@ -332,12 +338,22 @@ def run_copy_curriculum(cfg: dict) -> dict:
     episode draws its length uniformly from ``start_length .. L`` (``lengths: uniform``); ``L``
     grows by one after a check whose mean recall loss is below ``threshold``. Each estimator runs at
     every rate of ``learning_rates`` on seed 0 and the remaining seeds at the rate that reached the
-    longest length there (:func:`_sweep_then_seeds`).
+    longest length there (:func:`_sweep_then_seeds`). With ``target_length`` each run also reports
+    the steps it took to reach that level, and with ``stop_at_target`` it ends after its first
+    check at that level (so ``target_length`` is the longest length it can report).
     """
     if cfg["lengths"] not in ("fixed", "uniform"):
         raise ConfigError(f"lengths: expected 'fixed' or 'uniform', got {cfg['lengths']!r}.")
+    if cfg["stop_at_target"] and not cfg["target_length"]:
+        raise ConfigError("stop_at_target: needs a target_length.")
     shortest = cfg["start_length"] if cfg["lengths"] == "uniform" else None
     task0 = tasks.copy_task(1, cfg["num_symbols"])
+
+    @functools.cache
+    def sampler(length: int) -> Callable[[jax.Array], tasks.Stream]:
+        """The checks' data at ``length``, compiled once per level (one call per check)."""
+        task = tasks.copy_task(length, cfg["num_symbols"], min_length=shortest)
+        return jax.jit(lambda key: tasks.sample_batch(task, key, cfg["check_every"], cfg["batch_size"]))
 
     def run_seed(spec: dict, seed: int) -> dict:
         learner = _Learner(cfg, spec, task0.input_size, task0.num_classes, seed)
@@ -345,16 +361,19 @@ def run_copy_curriculum(cfg: dict) -> dict:
         key = jax.random.PRNGKey(2000 + seed)
         start = time.perf_counter()
         for _ in range(0, cfg["steps"], cfg["check_every"]):
+            if cfg["stop_at_target"] and lengths and lengths[-1] >= cfg["target_length"]:
+                break
             key, sub = jax.random.split(key)
-            task = tasks.copy_task(length, cfg["num_symbols"], min_length=shortest)
-            loss = learner.train(tasks.sample_batch(task, sub, cfg["check_every"], cfg["batch_size"]))
+            loss = learner.train(sampler(length)(sub))
             mean = float(np.nanmean(loss)) if np.any(np.isfinite(loss)) else float("nan")
             losses.append(mean)
             lengths.append(length)
             if mean < cfg["threshold"]:
                 length += 1
+        target = cfg["target_length"]
         return {
             "length_reached": int(max(lengths) if lengths else length),
+            "steps_to_target": _steps_to_level(lengths, target, cfg["check_every"]) if target else None,
             "length_curves": lengths,
             "loss_curves": losses,
             "steps_per_s": learner.steps_per_s,
@@ -369,7 +388,7 @@ def run_copy_curriculum(cfg: dict) -> dict:
             "sweep_length": {k: -v for k, v in sweep.items()},
             **_collect(runs),
         }
-    return {"results": rows}
+    return {"results": rows, "target_length": cfg["target_length"]}
 
 
 class _CharData(NamedTuple):
@@ -605,15 +624,20 @@ def _speed(r: dict) -> str:
 
 
 def _copy_curriculum_table(result: dict) -> str:
+    target = result.get("target_length")
+    to_target = f" steps to length {target} |" if target else ""
     lines = [
-        "| estimator | learning rate | length reached (mean ± sd over seeds) | per seed | steps/s | s/run"
-        " | length at each rate (seed 0) |\n|---|---|---|---|---|---|---|\n"
+        "| estimator | learning rate | length reached (mean ± sd over seeds) | per seed |"
+        f"{to_target} steps/s | s/run | length at each rate (seed 0) |\n"
+        f"|---|---|---|---|{'---|' if target else ''}---|---|---|\n"
     ]
     for label, r in result["results"].items():
         rates = ", ".join(f"{k}: {v}" for k, v in r["sweep_length"].items())
+        steps = ", ".join("–" if s is None else f"{s:,}" for s in r["steps_to_target"]) if target else ""
         lines.append(
             f"| {label} | {r['learning_rate']} | {np.mean(r['length_reached']):.2f} ±"
-            f" {np.std(r['length_reached']):.2f} | {r['length_reached']} | {_speed(r)} | {rates} |\n"
+            f" {np.std(r['length_reached']):.2f} | {r['length_reached']} |{f' {steps} |' if target else ''}"
+            f" {_speed(r)} | {rates} |\n"
         )
     return "".join(lines)
 
@@ -648,6 +672,11 @@ def _baselines(ax: Any, result: dict) -> None:
     for base, value in result["baselines"].items():
         ax.axhline(value, color="gray", ls=":", lw=0.8)
         ax.text(1.0, value, base, fontsize=7, va="bottom", ha="right")
+
+
+def _target_length(ax: Any, result: dict) -> None:
+    if result.get("target_length"):
+        ax.axhline(result["target_length"], color="grey", linestyle="--", linewidth=0.8)
 
 
 def _no_decoration(ax: Any, result: dict) -> None:
@@ -730,13 +759,16 @@ BENCHMARKS: dict[str, Benchmark] = {
             "threshold": 0.15,
             "check_every": 100,
             "lengths": "fixed",
+            "target_length": None,
+            "stop_at_target": False,
             "learning_rates": [],
             "estimators": [{"estimator": "rtrl"}],
         },
         run=run_copy_curriculum,
         table=_copy_curriculum_table,
         curves="length_curves",
-        ylabel="copy length",
+        ylabel="copy length (dashed: target_length)",
+        decorate=_target_length,
         x_axis=_steps_checked,
     ),
     "char_lm": Benchmark(
@@ -770,10 +802,12 @@ def _plot(document: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in document["results"].items():
         curves = [np.array([np.nan if v is None else v for v in c], np.float64) for c in r[benchmark.curves]]
-        size = min(len(c) for c in curves)
+        size = max(len(c) for c in curves)
+        # a run that ended early (copy's stop_at_target) is held at its last value
+        held = [np.pad(c, (0, size - len(c)), mode="edge") for c in curves]
         with warnings.catch_warnings():  # all-NaN columns after a divergence
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(np.stack([c[:size] for c in curves]), axis=0)
+            mean = np.nanmean(np.stack(held), axis=0)
         x, xlabel = benchmark.x_axis(_run_config(document["config"], r), size)
         ax.plot(x, mean, label=label)
     benchmark.decorate(ax, document)
