@@ -42,6 +42,19 @@ def test_influence_balancing_exact_rtrl_converges_and_short_truncation_goes_the_
     assert (tmp_path / "influence_balancing.png").read_bytes()[:4] == b"\x89PNG"
 
 
+COPY_TINY = [  # three checks of 50 steps; the level grows at every check: 1, 2, 3 (unless stopped)
+    "steps=150",
+    "check_every=50",
+    "hidden=4",
+    "seeds=2",
+    "batch_size=2",
+    "threshold=10.0",
+    "target_length=2",
+    "learning_rates=[0.01]",
+    "estimators=[{estimator: kf}]",
+]
+
+
 @pytest.mark.parametrize(
     "name, overrides",
     [
@@ -58,19 +71,8 @@ def test_influence_balancing_exact_rtrl_converges_and_short_truncation_goes_the_
         ),
         (
             "copy_curriculum",
-            [
-                "steps=150",
-                "check_every=50",
-                "hidden=4",
-                "seeds=2",
-                "batch_size=2",
-                "threshold=10.0",
-                "lengths=fixed",  # the configs draw lengths uniformly: both kinds run
-                "target_length=2",
-                "stop_at_target=false",
-                "learning_rates=[0.01]",
-                "estimators=[{estimator: kf}]",
-            ],
+            # the configs draw lengths uniformly: both kinds run
+            [*COPY_TINY, "lengths=fixed", "stop_at_target=false"],
         ),
     ],
 )
@@ -184,18 +186,7 @@ def test_copy_curriculum_lengths_are_checked(tmp_path):
 
 
 def test_copy_curriculum_stops_at_the_target_length(tmp_path):
-    overrides = [
-        "steps=150",
-        "check_every=50",
-        "hidden=4",
-        "seeds=2",
-        "batch_size=2",
-        "threshold=10.0",  # the level grows at every check: 1, 2, then 3 without the stop
-        "target_length=2",
-        "stop_at_target=true",
-        "learning_rates=[0.01]",
-        "estimators=[{estimator: kf}]",
-    ]
+    overrides = [*COPY_TINY, "stop_at_target=true"]
     doc = run_benchmark(load_benchmark_config(CONFIGS / "bench_copy_curriculum.yaml", overrides), tmp_path)
     row = doc["results"]["kf"]
     assert row["length_reached"] == [2, 2] and row["steps_to_target"] == [50, 50]
