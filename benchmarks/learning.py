@@ -14,7 +14,8 @@ optimizers and readouts come from the experiment layer's build pieces (:mod:`rtr
   estimator against the task's baselines.
 - ``copy_curriculum``: the copy task whose length grows by one whenever the mean recall loss over a
   check interval falls below a threshold (every pattern at the current length, or each episode's
-  length drawn uniformly up to it); the length reached in a fixed step budget, over seeds.
+  length drawn uniformly up to it); the length reached in a fixed step budget and the steps to a
+  target length, over seeds (a run may end at the target).
 - ``char_lm``: character-level language modelling of a text file (a contiguous tail held out);
   validation bits per character, learning curves against characters seen.
 
