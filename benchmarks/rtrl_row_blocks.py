@@ -52,7 +52,9 @@ def bench(cell, n, blocks, steps, rounds):
         configs[k] = (init, lowered.compile())
     trace = init(carries)
     trace_bytes = sm._nbytes(trace)
-    chosen = default_row_blocks(jax.tree.leaves(jax.tree.map(lambda b: b[0], trace)))
+    carry_size = jax.tree.leaves(trace)[0].shape[-1]
+    dense = [jax.ShapeDtypeStruct((p.size, carry_size), sm.DTYPE) for p in jax.tree.leaves(params)]
+    chosen = default_row_blocks(dense)
     times = {k: [] for k in configs}
     for _ in range(rounds):
         for k, (init, compiled) in configs.items():

@@ -58,7 +58,7 @@ from rtrl_jax._src.registry import (
 )
 from rtrl_jax._src.reverse_kf import RKFState, reverse_kf_rtrl
 from rtrl_jax._src.rflo import RFLOState, rflo
-from rtrl_jax._src.rtrl import RTRLState, dynamics_and_immediate, rtrl
+from rtrl_jax._src.rtrl import RowChunks, RTRLState, dynamics_and_immediate, rtrl
 from rtrl_jax._src.sharding import (
     batch_sharding,
     make_mesh,
@@ -144,6 +144,7 @@ __all__ = [
     "RFLOState",
     "RKFState",
     "RTRLState",
+    "RowChunks",
     "RecurrentTrainState",
     "SketchedState",
     "SnapLayout",

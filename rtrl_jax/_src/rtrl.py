@@ -1,8 +1,9 @@
 """Exact real-time recurrent learning (Williams & Zipser 1989) as forward-mode autodiff.
 
 The trace is the influence matrix ``J_t = dh_t/dθ`` held as stacked tangents of the flat carry, one
-block per parameter leaf: a pytree with the structure of the parameters whose leaf for a parameter
-array ``θ_l`` has shape ``(θ_l.size, S)`` (row ``j`` is ``dh_t/d(θ_l)_j``). One step is
+block per parameter leaf: a pytree with the structure of the parameters whose entry for a parameter
+array ``θ_l`` is a ``(θ_l.size, S)`` block (row ``j`` is ``dh_t/d(θ_l)_j``), held in row chunks
+(:class:`RowChunks`) when the trace is large (below). One step is
 
     J_t = I_t + D_t J_{t-1},
 
@@ -27,20 +28,20 @@ No ``P × P`` array is ever formed. Rows of ``J`` (one per parameter) evolve ind
 
 With ``k = row_blocks = 1`` every block's product ``J_{t-1} D_tᵀ`` is formed independently: XLA may
 run them concurrently and holds all of them before the additions, so the peak memory of a step (with
-the trace donated) is two traces. With ``k > 1`` the blocks are updated one after another, each
-product waiting on the previous update (``base.after``, a data dependence on every backend: XLA:CPU
-would otherwise run every product before the additions), so a step holds one product at a time; a
-block of more than ``P / k`` rows is updated in place in chunks of at most ``P / k`` rows. By
-default (``row_blocks=None``, :func:`default_row_blocks`) a trace under :data:`CHUNKED_TRACE_BYTES`
-(16 MiB) is updated with ``k = 1``; a larger one of several comparable blocks (a GRU's or an LSTM's
-kernels) one whole block after another, with no chunks; a larger one dominated by one block (a tanh
-RNN's recurrent kernel) in :data:`DEFAULT_ROW_BLOCKS` chunks. XLA's ``memory_analysis()`` of a
-donated step then gives a peak of 1.33× the trace for a GRU, 1.25–1.26× for an LSTM and 1.25× for a
-tanh RNN (n = 128 and 256) against 2.0× with ``k = 1``. On an idle 2-core CPU the ordered GRU and
-LSTM steps took 0.97–1.04× the time of ``k = 1``; the tanh RNN's chunks took 1.14–1.23× at n = 256,
-because XLA:CPU copies each row slice before its product, an extra pass over the trace
-(``benchmarks/rtrl_row_blocks.py``, ``benchmarks/results/rtrl_row_blocks.md``). Pass
-``row_blocks=1`` when speed matters more than memory, and when the trace is sharded along its rows.
+the trace donated) is two traces. With ``k > 1`` a block of more than ``P / k`` rows is held as a
+:class:`RowChunks`, separate buffers of at most ``P / k`` rows each, and the blocks and parts are
+updated one after another, each product waiting on the previous update (``base.after``, a data
+dependence on every backend: XLA:CPU would otherwise run every product before the additions), so a
+step holds one part's product at a time and writes each part in place. Separate buffers rather than
+row slices of one block: XLA:CPU would copy a row slice before its product, an extra pass over the
+trace, where a whole part is multiplied as it is. By default
+(``row_blocks=None``, :func:`default_row_blocks`) a trace under :data:`CHUNKED_TRACE_BYTES` (16 MiB)
+is updated with ``k = 1`` and a larger one with ``k =`` :data:`DEFAULT_ROW_BLOCKS`. XLA's
+``memory_analysis()`` of a donated step then gives a peak of 1.12–1.14× the trace for a tanh RNN (n = 256), a
+GRU and an LSTM at n = 128 and 256, against 2.0× with ``k = 1``, and on an idle 2-core CPU the step
+takes 0.88–1.01× the time of ``k = 1`` (``benchmarks/rtrl_row_blocks.py``,
+``benchmarks/results/rtrl_row_blocks.md``). Pass ``row_blocks=1`` when the trace is sharded along
+its rows.
 
 The gradient of a step loss with carry cotangent ``c_t`` is ``J_t c_t``; the sum over ``t`` equals
 BPTT of ``Σ_t L_t``. :func:`rtrl_jax.influence_matrix` assembles the dense ``S × P`` matrix.
@@ -54,6 +55,7 @@ recurrent neural networks", Neural Computation 1(2), 1989.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any, NamedTuple
 
 import jax
@@ -68,8 +70,10 @@ class RTRLState(NamedTuple):
     """Trace of exact RTRL.
 
     Attributes:
-      influence: a pytree with the structure of the parameters; the leaf for a parameter array
-        ``θ_l`` is ``(θ_l.size, S)``, row ``j`` being ``d carry / d (θ_l)_j`` for the flat carry.
+      influence: a pytree with the structure of the parameters (as a prefix); the entry for a
+        parameter array ``θ_l`` is its ``(θ_l.size, S)`` block, row ``j`` being
+        ``d carry / d (θ_l)_j`` for the flat carry, or, for a block of more rows than
+        ``row_blocks`` allows, a :class:`RowChunks` of consecutive parts of those rows.
     """
 
     influence: Any
@@ -111,64 +115,82 @@ def dynamics_and_immediate(core: CoreFn, params, carry, x):
     return unravel_carry(new_flat_carry), out, dynamics, immediate_t
 
 
-def _propagate(blocks, immediates, dynamics_t, max_rows):
-    """``block Dᵀ + immediate`` for every block, one update after another.
+class RowChunks(NamedTuple):
+    """One influence block stored as consecutive chunks of its rows.
 
-    With ``max_rows=None`` every block is updated whole and independently (XLA may run the
-    products concurrently, and holds all of them at once: a step's peak is two traces). Otherwise
-    a whole block's product waits on the previous update (``after``), so a step holds one product
-    at a time, and a block of more than ``max_rows`` rows is updated in place in chunks of at most
-    ``max_rows`` rows, each chunk's product reading the block its predecessor's update wrote.
+    Row ``j`` of the ``(P_l, S)`` block is row ``j - lo_c`` of the part ``c`` whose rows start at
+    ``lo_c``. Updating separate buffers chunk by chunk keeps a step's peak near one trace without
+    slicing the block: XLA:CPU copies a row slice before its product (an extra pass over the trace),
+    while a whole part is multiplied and its update written in place.
+
+    Attributes:
+      parts: the chunks, each ``(rows_c, S)``, in row order.
     """
-    if max_rows is None:
-        return [block @ dynamics_t + imm for block, imm in zip(blocks, immediates, strict=True)]
+
+    parts: tuple[jax.Array, ...]
+
+    def dense(self) -> jax.Array:
+        """The ``(P_l, S)`` block (a concatenation: for inspection, not for the step)."""
+        return jnp.concatenate(self.parts, axis=-2)
+
+
+def _row_bounds(rows: int, max_rows: int) -> list[int]:
+    """Bounds of ``ceil(rows / max_rows)`` near-equal chunks of ``rows`` rows."""
+    chunks = max(1, -(-rows // max_rows))
+    return [rows * i // chunks for i in range(chunks + 1)]
+
+
+def _propagate(blocks, immediates, dynamics_t, ordered):
+    """``block Dᵀ + immediate`` for every block, and for every part of a :class:`RowChunks` block.
+
+    With ``ordered=False`` every product is formed independently (XLA may run them concurrently and
+    holds all of them at once: a step's peak is two traces). With ``ordered=True`` each product
+    waits on the previous update (``after``), so a step holds one product at a time; each part of a
+    chunked block is its own buffer, updated in place when the trace is donated.
+    """
     updated, previous = [], None
+
+    def update(part, imm):
+        dynamics = after(dynamics_t, previous, every_backend=True) if ordered else dynamics_t
+        return part @ dynamics + imm
+
     for block, imm in zip(blocks, immediates, strict=True):
-        rows = block.shape[0]
-        chunks = max(1, -(-rows // max_rows))
-        if chunks == 1:
-            block = previous = block @ after(dynamics_t, previous, every_backend=True) + imm
+        if isinstance(block, RowChunks):
+            parts, lo = [], 0
+            for part in block.parts:
+                hi = lo + part.shape[0]
+                previous = update(part, imm[lo:hi])
+                parts.append(previous)
+                lo = hi
+            block = RowChunks(tuple(parts))
         else:
-            bounds = [rows * i // chunks for i in range(chunks + 1)]
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                previous = block[lo:hi] @ dynamics_t + imm[lo:hi]
-                block = block.at[lo:hi].set(previous)
+            block = previous = update(block, imm)
         updated.append(block)
     return updated
 
 
 DEFAULT_ROW_BLOCKS = 8
-"""The chunks a large trace dominated by one block is updated in by default (peak ≤ 1.5× the trace)."""
-
-WHOLE_BLOCK_SHARE = 3
-"""A large trace whose blocks each hold at most ``1 / WHOLE_BLOCK_SHARE`` of its rows is updated by
-default one whole block after another (``row_blocks = WHOLE_BLOCK_SHARE``), with no chunks."""
+"""The ``row_blocks`` of a trace of :data:`CHUNKED_TRACE_BYTES` or more by default (peak ≤ 1.5× the
+trace)."""
 
 CHUNKED_TRACE_BYTES = 2**24
 """The trace size (16 MiB) from which the default bounds a step's peak memory. Below it a second
 trace costs little memory, and one product at a time costs speed: on a 2-core CPU the ordered step
-of a GRU took 1.15–1.43× the unordered one with a 3.4 MiB trace (n = 64) and 1.00× with 26 MiB.
+of a GRU (``row_blocks=8``) took 1.27–1.55× the unordered one with 0.5 and 3.4 MiB traces
+(n = 32, 64) and 1.00× with 26 MiB (n = 128).
 The size is one stream's: the step is written for one stream, so under ``jax.vmap`` over ``B``
-streams it cannot see ``B``. With many streams of small traces, pass ``row_blocks=3`` (or more)
-to bound the peak of the batch."""
+streams it cannot see ``B``. With many streams of small traces, pass ``row_blocks=8`` to bound the
+peak of the batch."""
 
 
 def default_row_blocks(blocks) -> int:
-    """The default ``row_blocks`` for influence blocks ``blocks``.
+    """The default ``row_blocks`` for dense influence blocks ``blocks`` (shapes and dtypes).
 
-    ``1`` (whole, independent updates) for a trace under :data:`CHUNKED_TRACE_BYTES`;
-    :data:`WHOLE_BLOCK_SHARE` (whole blocks one after another) for a larger trace of several
-    comparable blocks (a GRU's or an LSTM's kernels); :data:`DEFAULT_ROW_BLOCKS` chunks for a larger
-    trace with a block of more than ``1 / WHOLE_BLOCK_SHARE`` of its rows (a tanh RNN's recurrent
-    kernel).
+    ``1`` (whole, independent updates) for a trace under :data:`CHUNKED_TRACE_BYTES`, else
+    :data:`DEFAULT_ROW_BLOCKS`.
     """
     nbytes = sum(b.size * jnp.dtype(b.dtype).itemsize for b in blocks)
-    if nbytes < CHUNKED_TRACE_BYTES:
-        return 1
-    rows = sum(b.shape[0] for b in blocks)
-    if WHOLE_BLOCK_SHARE * max(b.shape[0] for b in blocks) <= rows:
-        return WHOLE_BLOCK_SHARE
-    return DEFAULT_ROW_BLOCKS
+    return 1 if nbytes < CHUNKED_TRACE_BYTES else DEFAULT_ROW_BLOCKS
 
 
 def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
@@ -176,10 +198,11 @@ def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
 
     Args:
       core: a recurrent core ``(params, carry, x) -> (carry, out)`` for one stream.
-      row_blocks: ``k``: with ``k = 1`` every block's product is formed independently (fastest,
-        a step's peak is two traces); with ``k > 1`` the blocks are updated one after another and
-        every block of more than ``P / k`` rows in place in chunks of at most ``P / k`` rows, which
-        lowers the peak towards one trace; ``None`` (default): :func:`default_row_blocks`.
+      row_blocks: ``k``: with ``k = 1`` every block's product is formed independently (a step's
+        peak is two traces); with ``k > 1`` every block of more than ``P / k`` rows is held as a
+        :class:`RowChunks` of at most ``P / k`` rows a part, and blocks and parts are updated one
+        after another in place, which lowers the peak towards one trace; ``None`` (default):
+        :func:`default_row_blocks`.
 
     Returns:
       An :class:`~rtrl_jax.Estimator` whose trace is :class:`RTRLState`.
@@ -195,34 +218,53 @@ def rtrl(core: CoreFn, row_blocks: int | None = None) -> Estimator:
     ):
         raise ValueError(f"row_blocks must be a positive integer or None, got {row_blocks!r}.")
 
+    def max_rows(params, size, dtype):
+        """The most rows a part holds (``None``: independent whole-block updates)."""
+        shapes = [jax.ShapeDtypeStruct((jnp.size(p), size), dtype) for p in jax.tree.leaves(params)]
+        chunks = default_row_blocks(shapes) if row_blocks is None else row_blocks
+        return None if chunks == 1 else -(-sum(s.shape[0] for s in shapes) // chunks)
+
     def init(params, carry, *, key=None):
         del key
         flat_carry, _ = ravel_pytree(carry)
+        size = flat_carry.size
         dtype = jnp.result_type(*jax.tree.leaves(params), flat_carry)
-        return RTRLState(jax.tree.map(lambda p: jnp.zeros((jnp.size(p), flat_carry.size), dtype), params))
+        limit = max_rows(params, size, dtype)
+
+        def zeros(p):
+            rows = jnp.size(p)
+            if limit is None or rows <= limit:
+                return jnp.zeros((rows, size), dtype)
+            bounds = _row_bounds(rows, limit)
+            return RowChunks(tuple(jnp.zeros((hi - lo, size), dtype) for lo, hi in pairwise(bounds)))
+
+        return RTRLState(jax.tree.map(zeros, params))
 
     def step(trace, params, carry, x, *, key=None):
         del key
         new_carry, out, dynamics, immediate_t = dynamics_and_immediate(core, params, carry, x)
-        blocks = jax.tree.leaves(trace.influence)
-        dtype = blocks[0].dtype if blocks else dynamics.dtype
-        dynamics_t = dynamics.T.astype(dtype)
-        chunks = default_row_blocks(blocks) if row_blocks is None else row_blocks
-        max_rows = None if chunks == 1 else -(-sum(b.shape[0] for b in blocks) // chunks)
-        treedef = jax.tree.structure(trace.influence)
+        treedef = jax.tree.structure(params)
+        blocks = treedef.flatten_up_to(trace.influence)
+        leaves = jax.tree.leaves(trace.influence)
+        dtype = leaves[0].dtype if leaves else dynamics.dtype
         immediates = [imm.astype(dtype) for imm in treedef.flatten_up_to(immediate_t)]
-        influence = _propagate(blocks, immediates, dynamics_t, max_rows)
+        influence = _propagate(
+            blocks,
+            immediates,
+            dynamics.T.astype(dtype),
+            max_rows(params, dynamics.shape[0], dtype) is not None,
+        )
         return new_carry, out, RTRLState(jax.tree.unflatten(treedef, influence))
 
     def grad(trace, params, carry_bar):
         flat_carry_bar, _ = ravel_pytree(carry_bar)
-        return jax.tree.map(
-            lambda block, p: jnp.reshape(block @ flat_carry_bar.astype(block.dtype), jnp.shape(p)).astype(
-                jnp.result_type(p)
-            ),
-            trace.influence,
-            params,
-        )
+
+        def block_grad(p, block):
+            parts = block.parts if isinstance(block, RowChunks) else (block,)
+            rows = jnp.concatenate([part @ flat_carry_bar.astype(part.dtype) for part in parts])
+            return jnp.reshape(rows, jnp.shape(p)).astype(jnp.result_type(p))
+
+        return jax.tree.map(block_grad, params, trace.influence)
 
     return Estimator(init, step, grad)
 
