@@ -9,9 +9,13 @@ into one pre-activation share one factor with their biases: the tanh RNN has one
 and no exact rows, the peers' and Mujika et al.'s KF-RTRL; a GRU four factors instead of six kernels
 and four biases. The counts are XLA's ``cost_analysis()`` of the compiled step (``flops``,
 ``bytes accessed``: deterministic). The time is one full online training step
-(``benchmarks/speed_memory.py``'s scan of step, grad and accumulation, best of ``--repeats``);
-``× square mm`` is its FLOP rate over the rate of one 1024³ float32 matmul measured at the start of
-the same run, ``step / 2n³ at mm rate`` the step's time in units of one ``2 n³`` product at that rate.
+(``benchmarks/speed_memory.py``'s scan of ``--steps`` steps of step, grad and accumulation, best
+of ``--repeats``, divided by the steps: a long scan, as in training, so that the call's fixed cost
+(0.6–0.8 ms for the tanh RNN at n = 256) is not counted as the step's);
+``× square mm`` is its FLOP rate over the rate of one 1024³ float32 matmul timed right before the
+row (``mm GFLOP/s``: the reference moves with the machine's load and clock, by up to a third between
+runs a minute apart here, so each row is held to the rate of its moment), ``step / 2n³ at mm rate``
+the step's time in units of one ``2 n³`` product at that rate.
 ``--no-time`` gives the deterministic columns only.
 
 Usage::
@@ -36,7 +40,6 @@ import speed_memory  # noqa: E402
 import rtrl_jax as rj  # noqa: E402
 
 SQUARE = 1024
-STEPS = 10
 
 
 LAYOUTS = {"per-kernel": False, "joint": True}  # layout -> the estimators' ``joint`` option
@@ -63,10 +66,10 @@ def main(argv=None):
     parser.add_argument("--estimators", nargs="+", default=["kf"])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="scan length of one timed call")
     parser.add_argument("--no-time", action="store_true", help="XLA's counts only (deterministic)")
     args = parser.parse_args(argv)
     timed = not args.no_time
-    square_rate = speed_memory.matmul_rate(SQUARE, SQUARE, SQUARE) if timed else None
     columns = [
         "estimator",
         "layout",
@@ -79,7 +82,7 @@ def main(argv=None):
         "XLA MB",
     ]
     if timed:
-        columns += ["step ms", "GFLOP/s", "× square mm", "step / 2n³ at mm rate"]
+        columns += ["step ms", "GFLOP/s", "mm GFLOP/s", "× square mm", "step / 2n³ at mm rate"]
     header = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
     print(header)
     lines, rows = [], []
@@ -109,10 +112,21 @@ def main(argv=None):
                 ]
                 cells.append(f"{nbytes / 1e6:.2f}")
                 if timed:
-                    bench = speed_memory.bench_estimator(name, cell, n, 1, STEPS, args.repeats, joint=joint)
+                    square_rate = speed_memory.matmul_rate(SQUARE, SQUARE, SQUARE)
+                    bench = speed_memory.bench_estimator(
+                        name, cell, n, 1, args.steps, args.repeats, joint=joint
+                    )
                     step_s = bench["step_s"]
-                    row.update(step_s=step_s, fraction_of_square_matmul=flops / step_s / square_rate)
-                    cells += [f"{step_s * 1e3:.3f}", f"{flops / step_s / 1e9:.1f}"]
+                    row.update(
+                        step_s=step_s,
+                        square_matmul_rate=square_rate,
+                        fraction_of_square_matmul=flops / step_s / square_rate,
+                    )
+                    cells += [
+                        f"{step_s * 1e3:.3f}",
+                        f"{flops / step_s / 1e9:.1f}",
+                        f"{square_rate / 1e9:.1f}",
+                    ]
                     cells += [
                         f"{flops / step_s / square_rate:.2f}",
                         f"{step_s * square_rate / (2 * n**3):.2f}",
@@ -122,7 +136,7 @@ def main(argv=None):
                 print(lines[-1], flush=True)
     details = "FLOPs and bytes of one step"
     if timed:
-        details += f"; float32, square {SQUARE} matmul {square_rate / 1e9:.1f} GFLOP/s in this run"
+        details += f"; float32; {args.steps} steps per timed call"
     _report.write(
         args.out, "kf_flops.py", argv, _report.environment(details), "\n".join([header, *lines]), rows
     )

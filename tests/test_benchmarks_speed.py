@@ -54,7 +54,9 @@ def test_rtrl_row_blocks_times_the_default_and_each_block_count(tmp_path):
 
 def test_kf_flops_counts_and_times_each_layout(tmp_path):
     out = tmp_path / "kf_flops.md"
-    kf_flops.main(["--sizes", "8", "--estimators", "kf", "ok", "--repeats", "1", "--out", str(out)])
+    kf_flops.main(
+        ["--sizes", "8", "--estimators", "kf", "ok", "--repeats", "1", "--steps", "5", "--out", str(out)]
+    )
     rows = _table_rows(out)[1:]
     assert len(rows) == 2 * 2 * 2  # estimators × layouts × cells
     assert all(float(row.split(" | ")[5]) > 0 for row in rows)  # XLA's FLOPs
