@@ -47,7 +47,8 @@ def test_rtrl_row_blocks_times_the_default_and_each_block_count(tmp_path):
     assert [row.split(" | ")[:3] for row in rows] == [
         [f"| {cell}", "8", blocks] for cell in ("tanh", "lstm") for blocks in ("default (1)", "1", "3")
     ]
-    # row_blocks=3 orders the updates: a step holds one block's product, not every block's.
+    # row_blocks=3 orders the updates (and splits blocks over a third of the rows): a step holds one
+    # part's product, not every block's.
     peaks = {tuple(row.split(" | ")[:3]): float(row.split(" | ")[-1].rstrip(" |")) for row in rows}
     assert peaks[("| lstm", "8", "3")] < peaks[("| lstm", "8", "1")]
 
