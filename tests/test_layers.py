@@ -194,15 +194,20 @@ def test_online_step_input_cotangent_is_the_immediate_input_jacobian():
     assert not np.any(jax.flatten_util.ravel_pytree((trace_bar, carry_bar))[0])
 
 
-def test_one_layer_and_linear_head_equal_online_grad_on_the_bare_core():
+# row_blocks=16 holds the layer's larger blocks as RowChunks in its online variables.
+@pytest.mark.parametrize("options", [{}, {"row_blocks": 16}], ids=["default", "row-chunks"])
+def test_one_layer_and_linear_head_equal_online_grad_on_the_bare_core(options):
     class OneLayer(nn.Module):
         @nn.compact
         def __call__(self, x, reset=None):
-            return nn.Dense(OUT, name="head")(rj.OnlineRNN(nn.GRUCell(H), "rtrl", name="rnn")(x))
+            rnn = rj.OnlineRNN(nn.GRUCell(H), "rtrl", options=options, name="rnn")
+            return nn.Dense(OUT, name="head")(rnn(x))
 
     model = OneLayer()
     xs, ys = data(0)
     variables = init(model, xs)
+    chunked = jax.tree.leaves(variables, is_leaf=lambda leaf: isinstance(leaf, rj.RowChunks))
+    assert any(isinstance(leaf, rj.RowChunks) for leaf in chunked) == bool(options)
     online = online_grads(model, variables, xs, ys)
 
     core = rj.from_linen(nn.GRUCell(H), IN)
