@@ -13,8 +13,8 @@ and four biases. The counts are XLA's ``cost_analysis()`` of the compiled step (
 of ``--repeats``, divided by the steps: a long scan, as in training, so that the call's fixed cost
 (0.6–0.8 ms for the tanh RNN at n = 256) is not counted as the step's);
 ``× square mm`` is its FLOP rate over the rate of one 1024³ float32 matmul timed right before the
-row (``mm GFLOP/s``: the reference moves with the machine's load and clock, by up to a third between
-runs a minute apart here, so each row is held to the rate of its moment), ``step / 2n³ at mm rate``
+row (``mm GFLOP/s``: the reference moves with the machine's load and clock, by up to half from row
+to row of one run here, so each row is held to the rate of its moment), ``step / 2n³ at mm rate``
 the step's time in units of one ``2 n³`` product at that rate.
 ``--no-time`` gives the deterministic columns only.
 

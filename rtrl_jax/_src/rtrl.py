@@ -34,12 +34,12 @@ updated one after another, each product waiting on the previous update (``base.a
 dependence on every backend: XLA:CPU would otherwise run every product before the additions), so a
 step holds one part's product at a time and writes each part in place. Separate buffers rather than
 row slices of one block: XLA:CPU would copy a row slice before its product, an extra pass over the
-trace, where a whole part is multiplied as it is. By default
-(``row_blocks=None``, :func:`default_row_blocks`) a trace under :data:`CHUNKED_TRACE_BYTES` (16 MiB)
-is updated with ``k = 1`` and a larger one with ``k =`` :data:`DEFAULT_ROW_BLOCKS`. XLA's
-``memory_analysis()`` of a donated step then gives a peak of 1.12–1.14× the trace for a tanh RNN (n = 256), a
-GRU and an LSTM at n = 128 and 256, against 2.0× with ``k = 1``, and on an idle 2-core CPU the step
-takes 0.88–1.01× the time of ``k = 1`` (``benchmarks/rtrl_row_blocks.py``,
+trace, where a whole part is multiplied as it is. By default (``row_blocks=None``,
+:func:`default_row_blocks`) a trace under :data:`CHUNKED_TRACE_BYTES` (16 MiB) is updated with
+``k = 1`` and a larger one with ``k =`` :data:`DEFAULT_ROW_BLOCKS`. XLA's ``memory_analysis()`` of
+a donated step then gives a peak of 1.12–1.14× the trace for a tanh RNN (n = 256), a GRU and an
+LSTM (n = 128 and 256), against 2.0× with ``k = 1``, and on an idle 2-core CPU the step takes
+0.88–1.01× the time of ``k = 1`` (``benchmarks/rtrl_row_blocks.py``,
 ``benchmarks/results/rtrl_row_blocks.md``). Pass ``row_blocks=1`` when the trace is sharded along
 its rows.
 
@@ -136,7 +136,7 @@ class RowChunks(NamedTuple):
 
 def _row_bounds(rows: int, max_rows: int) -> list[int]:
     """Bounds of ``ceil(rows / max_rows)`` near-equal chunks of ``rows`` rows."""
-    chunks = max(1, -(-rows // max_rows))
+    chunks = -(-rows // max_rows)
     return [rows * i // chunks for i in range(chunks + 1)]
 
 
@@ -148,23 +148,23 @@ def _propagate(blocks, immediates, dynamics_t, ordered):
     waits on the previous update (``after``), so a step holds one product at a time; each part of a
     chunked block is its own buffer, updated in place when the trace is donated.
     """
-    updated, previous = [], None
 
-    def update(part, imm):
+    def update(part, imm, previous):
         dynamics = after(dynamics_t, previous, every_backend=True) if ordered else dynamics_t
         return part @ dynamics + imm
 
+    updated, previous = [], None
     for block, imm in zip(blocks, immediates, strict=True):
         if isinstance(block, RowChunks):
             parts, lo = [], 0
             for part in block.parts:
                 hi = lo + part.shape[0]
-                previous = update(part, imm[lo:hi])
+                previous = update(part, imm[lo:hi], previous)
                 parts.append(previous)
                 lo = hi
             block = RowChunks(tuple(parts))
         else:
-            block = previous = update(block, imm)
+            block = previous = update(block, imm, previous)
         updated.append(block)
     return updated
 
