@@ -14,6 +14,10 @@ step, the state donated. Timed per step, over ``T`` steps:
   per leaf of the train state);
 - ``scan``: the same train step inside one ``jax.lax.scan`` (its arithmetic alone, no dispatch).
 
+``scan / floor`` is the least ratio to the floor that any per-step loop of this step can reach
+(its arithmetic, at no launch or dispatch cost); ``(packed device − scan) / floor`` is what the
+per-step call adds to the arithmetic, in units of the floor.
+
 The loops are run ``--rounds`` times, interleaved; the table gives the best round of each and the
 median over rounds of each loop's ratio to its floor (within a round). ``--sync-dispatch`` turns
 off JAX's asynchronous CPU dispatch (``jax_cpu_enable_async_dispatch``) for the whole run;
@@ -126,13 +130,19 @@ def bench(name, hidden, batch, steps, rounds, seed=0):
         "packed_device_over_floor": float(np.median(times["packed_device"] / times["packed_floor"])),
         "plain_device_over_floor": float(np.median(times["plain_device"] / times["plain_floor"])),
         "packed_over_scan": float(np.median(times["packed_device"] / times["scan"])),
+        "scan_over_floor": float(np.median(times["scan"] / times["packed_floor"])),
+        "overhead_over_floor": float(
+            np.median((times["packed_device"] - times["scan"]) / times["packed_floor"])
+        ),
     }
 
 
 HEADER = (
     "| estimator | n | B | leaves: plain / packed | packed numpy µs | packed device µs | packed floor µs"
     " | plain device µs | plain floor µs | scan µs | packed numpy / floor | packed device / floor"
-    " | plain device / floor | packed device / scan |\n" + "|---" * 14 + "|"
+    " | plain device / floor | packed device / scan | scan / floor | (packed device − scan) / floor |\n"
+    + "|---" * 16
+    + "|"
 )
 
 
@@ -143,7 +153,8 @@ def _row(r):
         f" | {r['packed_numpy_us']:.0f} | {r['packed_device_us']:.0f} | {r['packed_floor_us']:.1f}"
         f" | {r['plain_device_us']:.0f} | {r['plain_floor_us']:.0f} | {r['scan_us']:.0f}"
         f" | {r['packed_numpy_over_floor']:.1f} | {r['packed_device_over_floor']:.1f}"
-        f" | {r['plain_device_over_floor']:.2f} | {r['packed_over_scan']:.2f} |"
+        f" | {r['plain_device_over_floor']:.2f} | {r['packed_over_scan']:.2f}"
+        f" | {r['scan_over_floor']:.1f} | {r['overhead_over_floor']:.1f} |"
     )
 
 
